@@ -1,0 +1,98 @@
+"""How long reading CIFAR-10 and making one epoch of training batches take (load_data_cifar10.py).
+
+    python bench/bench_batches.py [--data-dir data] [--device cpu] [--repeats 5] [--threads N]
+
+Prints the machine, the versions and the date beside the figures, so they can be pasted as evidence. The
+target: an epoch of augmented batches costs under a tenth of a BaseCNN training epoch on the same machine.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from load_data_cifar10 import AUGMENTATIONS, DataError, TrainBatches, channel_stats, load_cifar10  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: torch.device) -> str:
+    described = f"{cpu_name()}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads"
+    if device.type == "cuda":
+        described = f"{torch.cuda.get_device_name(device)} with {described}"
+    return described
+
+
+def seconds(action, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    action()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
+    parser.add_argument("--device", default="cpu", help="where the batches are made: cpu, cuda, cuda:1...")
+    parser.add_argument("--batch-size", type=int, default=128, help="global batch size (default: 128)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is shown (default: 5)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    print(f"machine: {machine(device)}; device {device}")
+    print(f"versions: torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}; "
+          f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+    try:
+        load_times = [seconds(lambda: load_cifar10(args.data_dir, download=False), torch.device("cpu"))
+                      for _ in range(args.repeats)]
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    data = load_cifar10(args.data_dir, download=False)
+    print(f"load CIFAR-10 from {args.data_dir}: median {statistics.median(load_times):.3f} s of {args.repeats} "
+          f"(first {load_times[0]:.3f})")
+
+    mean, std = channel_stats(data.train_images)
+    print(f"one epoch of batches ({len(data.train_labels)} images, batch {args.batch_size}):")
+    for aug in AUGMENTATIONS:
+        batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, mean, std, aug=aug,
+                               device=device)
+
+        def one_epoch() -> None:
+            for _ in batches:
+                pass
+
+        epoch_times = []
+        for epoch in range(args.repeats + 1):
+            batches.set_epoch(epoch)
+            epoch_times.append(seconds(one_epoch, device))
+        print(f"  {aug:17s} median {statistics.median(epoch_times[1:]):.3f} s of {args.repeats} "
+              f"(min {min(epoch_times[1:]):.3f}, max {max(epoch_times[1:]):.3f}; first epoch {epoch_times[0]:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""CIFAR-100 (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 100 fine classes grouped into 20
+coarse ones. Only its file names and label keys differ from CIFAR-10; reading and batches are shared and live
+in load_data_cifar10.py.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from load_data_cifar10 import CifarData, CifarSpec, load_cifar
+
+DATASET_NAME = "cifar100"
+NUM_CLASSES = 100
+NUM_COARSE_CLASSES = 20
+
+CIFAR100 = CifarSpec(
+    folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+    url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", md5="eb9058c3a382ffc7106e4002c42a8d85",
+    train_files=("train",), test_files=("test",), meta_file="meta",
+    label_key="fine_labels", class_names_key="fine_label_names", num_classes=NUM_CLASSES,
+    coarse_label_key="coarse_labels", coarse_names_key="coarse_label_names", num_coarse_classes=NUM_COARSE_CLASSES)
+
+
+def load_cifar100(data_dir: str | Path = "data", download: bool = True) -> CifarData:
+    """CIFAR-100 with its fine labels (and the coarse ones beside them), downloaded into data_dir if needed."""
+    return load_cifar(CIFAR100, data_dir, download)
