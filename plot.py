@@ -152,7 +152,8 @@ def _as_float(value: object) -> float | None:
 # Writing files atomically: a reader (or a crash mid-write) never sees half a file.
 
 
-def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+def write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file through a temporary one renamed over it; train.py writes every run file this way."""
     path = Path(path)
     # Same folder so os.replace is a rename on one filesystem; same suffix so tools that look at the
     # name see what the file is; opened with open() rather than mkstemp so the file gets the usual
@@ -161,6 +162,8 @@ def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) ->
     try:
         with open(temp_path, "wb") as temp_file:
             write(temp_file)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())  # on disk before the rename, so a power cut leaves one or the other
         os.replace(temp_path, path)
     except BaseException:
         temp_path.unlink(missing_ok=True)
@@ -169,11 +172,11 @@ def _write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) ->
 
 def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
     FigureCanvasAgg(figure)
-    _write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
+    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
 
 def _write_text(path: Path, text: str) -> None:
-    _write_atomically(path, lambda out: out.write(text.encode("utf-8")))
+    write_atomically(path, lambda out: out.write(text.encode("utf-8")))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -19,7 +19,6 @@ import os
 import platform
 import random
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -34,7 +33,7 @@ import load_data_cifar10
 import load_data_cifar100
 import plot
 from load_data_cifar10 import DataError, EvalBatches, TrainBatches, channel_stats, split_validation
-from model import MODELS, build_model, count_flops, count_parameters
+from model import MODELS, build_model, count_flops, count_parameters, format_flops
 
 # What differs between the datasets is data: how to load one and how many classes it has.
 DATASETS = {"cifar10": (load_data_cifar10.load_cifar10, load_data_cifar10.NUM_CLASSES),
@@ -158,24 +157,12 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files: each written to a temporary file in the same folder, then renamed over the old one.
-
-
-def atomic_write(path: Path, write) -> None:
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as tmp:
-            write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+# Files: each written to a temporary file in the same folder, then renamed over the old one
+# (plot.write_atomically), so a crash at any moment leaves the previous version whole.
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda f: f.write(text.encode()))
+    plot.write_atomically(path, lambda f: f.write(text.encode()))
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -191,7 +178,7 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    atomic_write(path, lambda f: torch.save(state, f))
+    plot.write_atomically(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -266,7 +253,7 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
         net = build_model(args.model, num_classes)
         print(net)
         print(f"Parameters: {count_parameters(net):,}")
-        print(f"FLOPs: {count_flops(net) / 1e9:.3f} GFLOPs (forward pass of one 3x32x32 image)")
+        print(f"FLOPs: {format_flops(count_flops(net))}FLOPs (forward pass of one 3x32x32 image)")
         return 0
     ddp = int(os.environ.get("RANK", -1)) != -1
     master = int(os.environ.get("RANK", 0)) == 0
@@ -286,7 +273,7 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         if master:
-            print("\nInterrupted before the first epoch ended; nothing was saved", file=sys.stderr)
+            print("\nInterrupted before training started; nothing new was saved", file=sys.stderr)
         return 130
     finally:
         if ddp and dist.is_initialized():
@@ -433,9 +420,12 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
         validation = "test"
     batch_options = dict(mean=mean, std=std, device=device, channels_last=channels_last,
                          rank=rank, world_size=world_size)
-    train_batches = TrainBatches(train_images, train_labels, args.batch_size, aug=args.aug,
-                                 seed=args.seed, **batch_options)
-    val_batches = EvalBatches(val_images, val_labels, max(256, args.batch_size), **batch_options)
+    try:
+        train_batches = TrainBatches(train_images, train_labels, args.batch_size, aug=args.aug,
+                                     seed=args.seed, **batch_options)
+        val_batches = EvalBatches(val_images, val_labels, max(256, args.batch_size), **batch_options)
+    except ValueError as err:  # e.g. fewer images than processes
+        raise UsageError(str(err)) from None
 
     # -- model, optimizer, schedule -----------------------------------------------------------------
     torch.manual_seed(args.seed)
@@ -502,7 +492,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
         if validation == "test":
             say("Validation uses the test set (--val-size 0, as the course code did): the best epoch "
                 "is picked on it, so report the final epoch or hold out a split with --val-size")
-        say(f"{args.model} on {dataset}: {parameters:,} parameters, {flops / 1e9:.3f} GFLOPs, device "
+        say(f"{args.model} on {dataset}: {parameters:,} parameters, {format_flops(flops)}FLOPs, device "
             f"{device}{' x' + str(world_size) if ddp else ''}, amp {amp_name}, "
             f"{len(train_labels)} training and {len(val_labels)} validation images")
         write_json(run_dir / "config.json", config)
@@ -605,6 +595,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
             "validation": validation, "total_seconds": round(sum(seconds), 3),
             "seconds_per_epoch": round(sum(seconds) / len(seconds), 3)}
         write_json(run_dir / "summary.json", summary)
+        plot.plot_curves(run_dir)  # once more, now that the title can carry the test accuracy
         say(f"Test accuracy: {summary['final_test_acc']:.4f} (final weights), "
             f"{summary['test_acc']:.4f} (best.pt, epoch {best['epoch']})")
         say("Model Saved")

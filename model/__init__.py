@@ -61,7 +61,8 @@ def count_flops(net: nn.Module, image_size: int = 32) -> int:
     return counter.get_total_flops()
 
 
-def _format_flops(flops: int) -> str:
+def format_flops(flops: int) -> str:
+    """'1.111 G' or, for networks as small as BaseCNN, '1.303 M'."""
     return f"{flops / 1e9:.3f} G" if flops >= 1e8 else f"{flops / 1e6:.3f} M"
 
 
@@ -78,6 +79,6 @@ def model_table_markdown() -> str:
             # 65M weights per model; the operators dispatched, and so the counts, are the same.
             with torch.device("meta"):
                 net = build_model(name, num_classes)
-            cells += [f"{count_parameters(net):,}", _format_flops(count_flops(net))]
+            cells += [f"{count_parameters(net):,}", format_flops(count_flops(net))]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

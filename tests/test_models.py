@@ -57,10 +57,11 @@ def test_parameter_count_matches_reference(name, num_classes):
 
 @pytest.mark.parametrize("name,num_classes", EVERY_BUILD)
 def test_every_model_maps_a_batch_to_class_scores(name, num_classes):
-    # On the meta device forward runs the same code and checks every shape, without the seconds of
-    # arithmetic the deep models cost on CPU; real numbers are checked for one model per family below.
-    net = build_on_meta(name, num_classes)
-    assert net(torch.empty(2, 3, 32, 32, device="meta")).shape == (2, num_classes)
+    torch.manual_seed(0)
+    net = build_model(name, num_classes).eval()
+    with torch.no_grad():
+        scores = net(torch.randn(2, 3, 32, 32))
+    assert scores.shape == (2, num_classes) and torch.isfinite(scores).all()
 
 
 @pytest.mark.parametrize("name", ["cnn_base", "cnn_resnet18", "cnn_densenet121", "cnn_se_resnet50"])

@@ -90,7 +90,7 @@ def test_a_run_writes_every_file_with_the_documented_contents(finished_run):
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(checkpoint)
     assert torch.load(run_dir / "best.pt", weights_only=True)["model_name"] == "cnn_base"
-    assert not [path for path in run_dir.iterdir() if path.name.endswith(".tmp")]
+    assert not [path for path in run_dir.iterdir() if ".tmp" in path.name]
 
 
 def test_epoch_lines_use_the_course_format(finished_run):

@@ -1,0 +1,290 @@
+"""One training epoch through this project's batches versus through a torchvision DataLoader with PIL transforms.
+
+    python bench/bench_pipeline.py [--models cnn_base,cnn_resnet18] [--device auto] [--batch-size 128]
+                                   [--repeats 3] [--steps N] [--workers 2] [--out PATH.json]
+
+Both pipelines feed the same model, built afresh from the same seed before every timed epoch, through the same
+training step (SGD with Nesterov momentum at train.py's learning rate, cross-entropy; bf16 autocast and
+channels_last by default on CUDA only) on the same device at the same batch size:
+  project     TrainBatches: the uint8 dataset on the device, crop and flip as batched tensor ops, normalization.
+  dataloader  what most CIFAR code and the course code do: a torchvision.datasets.CIFAR10-like Dataset giving
+              PIL images, RandomCrop(32, padding=4) and RandomHorizontalFlip on the PIL image, then ToTensor
+              and Normalize; a shuffling DataLoader with --workers workers, pin_memory on CUDA and
+              persistent_workers off, so that every epoch starts and stops its workers as it does in practice.
+An epoch is timed from asking for its first batch (the DataLoader starts its workers then) to its last step
+done (torch.cuda.synchronize on CUDA); reading the dataset and building the model are not timed. One untimed
+round of a few steps through each pipeline comes first, then the pipelines alternate (project, dataloader,
+project, ...) so that a shared machine's drift hits both, and the median of --repeats epochs is shown.
+
+By default cnn_base runs whole epochs and the other models, on CPU, 20 steps per timed epoch (whole epochs on
+CUDA). With a step limit both pipelines still pay their whole per-epoch set-up (the project crops and flips all
+of the epoch's images when iteration starts; the DataLoader starts its workers), so such a ratio is not the
+ratio of whole epochs. Prints the machine, the versions and the date beside the figures.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+from bench_batches import machine  # noqa: E402  (bench/ is on sys.path as the script's own folder)
+from load_data_cifar10 import NUM_CLASSES, DataError, TrainBatches, channel_stats, load_cifar10  # noqa: E402
+from model import MODELS, build_model  # noqa: E402
+from train import DEFAULT_LR, FALLBACK_LR, UsageError, autocast, pick_device, write_json  # noqa: E402
+
+PIPELINES = ("project", "dataloader")
+CPU_STEPS = 20  # steps per timed epoch for models other than cnn_base on CPU, where an epoch takes many minutes
+WARMUP_STEPS = 3  # the untimed round: allocator, cuDNN autotuning and TrainBatches' buffers, not measured
+SEED = 0
+
+
+# -- what both pipelines share: the machine, the model and the training step --------------------------------------
+
+def describe_run(device: torch.device) -> dict:
+    """The machine, versions and date that every table of these benchmarks is printed with."""
+    return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "date": datetime.datetime.now().isoformat(timespec="minutes")}
+
+
+def print_run(run: dict) -> None:
+    print(f"machine: {run['machine']}; device {run['device']}")
+    print(f"versions: torch {run['torch']}, torchvision {run['torchvision']}, python {run['python']}; {run['date']}")
+
+
+def set_up_device(device: torch.device) -> None:
+    """The same backend settings as train.py, so the figures are those of a real run."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def synchronize(device: torch.device) -> None:
+    """Waits for the queued GPU work, so that a timer stopped next measures the work and not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def fresh_model(name: str, device: torch.device, channels_last: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model from the same seed each time, in training mode, with train.py's optimizer and learning rate."""
+    torch.manual_seed(SEED)
+    net = build_model(name, NUM_CLASSES).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    net.train()
+    optimizer = torch.optim.SGD(net.parameters(), lr=DEFAULT_LR.get(name, FALLBACK_LR), momentum=0.9,
+                                nesterov=True, weight_decay=5e-4)
+    return net, optimizer
+
+
+def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
+               amp_dtype: torch.dtype | None) -> None:
+    """train.py's step without its bookkeeping; nothing is read back, so the host never waits for the device."""
+    with autocast(inputs.device, amp_dtype):
+        loss = F.cross_entropy(net(inputs).float(), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+# -- the torchvision pipeline ----------------------------------------------------------------------------------------
+
+class PilCifar(Dataset):
+    """What torchvision.datasets.CIFAR10 does for each item: a PIL image from an H x W x C uint8 array, then the
+    transforms; over the same arrays as the project's batches."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Callable) -> None:
+        self.images = images.permute(0, 2, 3, 1).contiguous().numpy()  # N x H x W x C, as CIFAR10 keeps them
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def pil_transform(mean: tuple[float, ...], std: tuple[float, ...]) -> transforms.Compose:
+    """The course code's training transforms: augment the PIL image, then make it a normalized tensor."""
+    return transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                               transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def dataloader(dataset: PilCifar, batch_size: int, workers: int, device: torch.device, epoch: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      generator=torch.Generator().manual_seed(SEED * 1000 + epoch))
+
+
+# -- timing ----------------------------------------------------------------------------------------------------------
+
+def timed_epoch(batches: Iterable, step: Callable[[torch.Tensor, torch.Tensor], None], device: torch.device,
+                channels_last: bool, max_steps: int | None) -> tuple[float, int]:
+    """(seconds, images) of one epoch: max_steps steps, or all of them with None."""
+    synchronize(device)
+    started = time.perf_counter()
+    batch_iterator = iter(batches)  # a DataLoader starts its workers here, as every real epoch does
+    images = 0
+    for inputs, labels in itertools.islice(batch_iterator, max_steps):
+        # The project's batches are on the device already; a DataLoader's come from pinned host memory.
+        inputs = inputs.to(device, non_blocking=True)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        step(inputs, labels.to(device, non_blocking=True))
+        images += labels.shape[0]
+    del batch_iterator  # stops a DataLoader's workers now, inside the epoch, as the end of a real epoch does
+    synchronize(device)
+    return time.perf_counter() - started, images
+
+
+def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: argparse.Namespace,
+            device: torch.device, max_steps: int | None) -> dict[str, list[float]]:
+    """Seconds of each timed epoch of each pipeline, the pipelines taking turns; also the images per epoch."""
+    amp_dtype = torch.bfloat16 if args.amp else None
+    seconds: dict[str, list[float]] = {pipeline: [] for pipeline in PIPELINES}
+    images_per_epoch = 0
+    for epoch in range(args.repeats + 1):  # epoch 0 is the untimed warm-up round
+        steps = min(WARMUP_STEPS, max_steps or WARMUP_STEPS) if epoch == 0 else max_steps
+        for pipeline in PIPELINES:
+            net, optimizer = fresh_model(name, device, args.channels_last)
+            if pipeline == "project":
+                project_batches.set_epoch(epoch)
+                batches: Iterable = project_batches
+            else:
+                batches = dataloader(dataset, args.batch_size, args.workers, device, epoch)
+            took, images_per_epoch = timed_epoch(
+                batches, lambda inputs, labels: train_step(net, optimizer, inputs, labels, amp_dtype),
+                device, args.channels_last, steps)
+            if epoch > 0:
+                seconds[pipeline].append(took)
+            del net, optimizer
+    return {"seconds": seconds, "images": images_per_epoch}
+
+
+# -- the command line ------------------------------------------------------------------------------------------------
+
+def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                        help="training device (default: auto, which is cuda, then mps, then cpu)")
+    parser.add_argument("--batch-size", type=int, default=128, help="batch size of both pipelines (default: 128)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed epochs per pipeline and model; the median is shown (default: 3)")
+    parser.add_argument("--models", default="cnn_base,cnn_resnet18",
+                        help="comma-separated model names (default: cnn_base,cnn_resnet18)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help=f"stop every timed epoch of both pipelines after this many steps (default: whole "
+                             f"epochs, except {CPU_STEPS} steps for models other than cnn_base on CPU)")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes (default: 2)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="bf16 autocast (default: on for CUDA, off elsewhere)")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                        help="channels_last model and inputs (default: on for CUDA, off elsewhere)")
+    parser.add_argument("--out", default=None, help="also write the results to this JSON file (default: none)")
+    return parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> list[str]:
+    """The model names asked for; a UsageError for anything a user can get wrong on the command line."""
+    names = [name.strip() for name in args.models.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODELS]
+    if unknown or not names:
+        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(MODELS)}")
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
+                               ("--steps", args.steps, 1), ("--workers", args.workers, 0)):
+        if value is not None and value < least:
+            raise UsageError(f"{flag} must be at least {least} (got {value})")
+    if args.out and Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out}/bench_pipeline.json")
+    return names
+
+
+def default_steps(name: str, device: torch.device) -> int | None:
+    return CPU_STEPS if device.type == "cpu" and name != "cnn_base" else None
+
+
+def print_table(rows: list[dict], batch_size: int) -> None:
+    print(f"{'model':16s} {'pipeline':10s} {'steps':>6s} {'median s/epoch':>14s} {'images/s':>9s} "
+          f"{'ratio':>6s}   (ratio: project / dataloader time; batch {batch_size})")
+    for row in rows:
+        print(f"{row['model']:16s} {row['pipeline']:10s} {row['steps_label']:>6s} {row['median_seconds']:14.3f} "
+              f"{row['images_per_second']:9.0f} {row['ratio']:6.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    try:
+        names = check_arguments(args)
+        device = pick_device(args.device, 0)
+        data = load_cifar10(args.data_dir, download=False)
+    except (UsageError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    args.amp = device.type == "cuda" if args.amp is None else args.amp
+    args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    set_up_device(device)
+    run = describe_run(device)
+    run.update(batch_size=args.batch_size, workers=args.workers, amp="bf16" if args.amp else "off",
+               channels_last=args.channels_last, persistent_workers=False, repeats=args.repeats)
+    print_run(run)
+    print(f"batch {args.batch_size}, dataloader workers {args.workers} (persistent_workers off, pin_memory "
+          f"{'on' if device.type == 'cuda' else 'off'}), amp {run['amp']}, channels_last "
+          f"{'on' if args.channels_last else 'off'}, {args.repeats} timed epochs per pipeline")
+
+    mean, std = channel_stats(data.train_images)
+    # Built once, outside the timer, as train.py builds it once per run: this is the dataset load.
+    project_batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, mean, std,
+                                   seed=SEED, device=device, channels_last=args.channels_last)
+    dataset = PilCifar(data.train_images, data.train_labels, pil_transform(mean, std))
+    rows = []
+    for name in names:
+        max_steps = args.steps if args.steps is not None else default_steps(name, device)
+        result = compare(name, project_batches, dataset, args, device, max_steps)
+        medians = {pipeline: statistics.median(times) for pipeline, times in result["seconds"].items()}
+        for pipeline in PIPELINES:
+            rows.append({"model": name, "pipeline": pipeline, "steps": max_steps or len(project_batches),
+                         "steps_label": str(max_steps) if max_steps else "epoch",
+                         "images": result["images"], "seconds": result["seconds"][pipeline],
+                         "median_seconds": medians[pipeline],
+                         "images_per_second": result["images"] / medians[pipeline],
+                         "ratio": medians[pipeline] / medians["dataloader"]})
+        print(f"{name}: {rows[-1]['steps']} steps, median project {medians['project']:.3f} s, "
+              f"dataloader {medians['dataloader']:.3f} s", flush=True)
+    print()
+    print_table(rows, args.batch_size)
+    for name in names:
+        ratio = next(row["ratio"] for row in rows if row["model"] == name and row["pipeline"] == "project")
+        print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time ({1 / ratio:.2f}x faster)")
+    if args.out:
+        try:
+            write_json(Path(args.out), {**run, "rows": [{k: v for k, v in row.items() if k != "steps_label"}
+                                                        for row in rows]})
+        except OSError as err:
+            print(f"error: cannot write {args.out} ({err.strerror}); pass another --out", file=sys.stderr)
+            return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The entry scripts' quick commands: --list-models, --summary, bad model names, the README table."""
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+from model import MODELS, model_table_markdown
+
+
+def run(*args):
+    return subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("script", ["main_cifar10.py", "main_cifar100.py"])
+def test_list_models_prints_the_15_flags_and_nothing_else(script):
+    completed = run(script, "--list-models")
+    assert completed.returncode == 0
+    assert completed.stdout.splitlines() == list(MODELS)
+    assert len(MODELS) == 15 and completed.stderr == ""
+
+
+def test_summary_prints_the_network_its_size_and_cost_for_the_dataset():
+    completed = run("main_cifar100.py", "--model", "cnn_resnet34", "--summary")
+    assert completed.returncode == 0, completed.stderr
+    assert completed.stdout.startswith("ResNet(")
+    assert "(fc): Linear(in_features=512, out_features=100, bias=True)" in completed.stdout
+    assert "Parameters: 21,328,292" in completed.stdout
+    assert re.search(r"FLOPs: 2\.319 GFLOPs", completed.stdout)
+
+
+def test_summary_of_base_cnn_on_cifar10():
+    completed = run("main_cifar10.py", "--model", "cnn_base", "--summary")
+    assert completed.returncode == 0
+    assert "(fc3): Linear(in_features=84, out_features=10, bias=True)" in completed.stdout
+    assert "Parameters: 62,006" in completed.stdout
+
+
+def test_an_unknown_model_is_a_usage_error_listing_the_choices():
+    completed = run("main_cifar10.py", "--model", "cnn_resnet19")
+    assert completed.returncode == 2
+    assert "Traceback" not in completed.stderr
+    assert "invalid choice: 'cnn_resnet19'" in completed.stderr
+    assert "cnn_se_resnet152" in completed.stderr and "usage:" in completed.stderr
+
+
+def test_every_flag_has_help():
+    import train
+    parser = train.build_parser("cifar10")
+    for action in parser._actions:
+        assert action.help, action.dest
+
+
+def test_device_report_names_torch_and_the_device():
+    completed = run("__init__.py")
+    assert completed.returncode == 0
+    lines = completed.stdout.splitlines()
+    assert re.fullmatch(r"GPU available: (True|False)", lines[0])
+    assert lines[1].startswith("PyTorch version: ")
+    assert re.fullmatch(r"Device: (cuda|mps|cpu)", lines[2])
+    if lines[0].endswith("True"):
+        assert lines[3].startswith("GPU 0: ")
+
+
+def test_readme_model_table_equals_what_the_code_computes():
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"<!-- model-table -->\n(.*?)<!-- /model-table -->", readme, re.S)
+    assert match, "README.md lost its model-table markers"
+    assert match.group(1) == model_table_markdown()
