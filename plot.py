@@ -35,8 +35,8 @@ METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc
 FAMILY_COLORMAPS = {"base": "Greys", "resnet": "Blues", "densenet": "Greens",
                     "se_resnet": "Oranges"}
 # Columns averaged over the runs of one summary row (mean, and sample std when there are several).
-AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "train_loss", "val_loss",
-                   "seconds_per_epoch")
+AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
+                   "train_loss", "val_loss", "seconds_per_epoch")
 SUMMARY_CSV_COLUMNS = (
     ("model", "run_dirs", "runs", "finished", "parameters", "flops", "epochs", "planned_epochs")
     + tuple(column for field in AVERAGED_FIELDS for column in (field, f"{field}_std"))
@@ -137,6 +137,7 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "best_val_acc": float(val_acc[best_index]),
         "best_epoch": int(metrics["epoch"][best_index]),
         "test_acc": _as_float(summary.get("test_acc")) if summary else None,
+        "final_test_acc": _as_float(summary.get("final_test_acc")) if summary else None,
         "train_loss": float(metrics["train_loss"][-1]),
         "val_loss": float(metrics["val_loss"][-1]),
         "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
@@ -369,8 +370,8 @@ def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
         f"# {pretty_dataset(dataset_name)} results",
         "",
         "| model | runs | parameters | FLOPs | epochs | train acc | best valid acc (epoch) "
-        "| test acc | train loss | valid loss | s/epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| test acc | final test acc | train loss | valid loss | s/epoch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         tags = [tag if tag else "untagged" for tag in row["tags"]]
@@ -385,6 +386,7 @@ def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
             _mean_std(row, "train_acc", 100, unit="%"),
             f"{_mean_std(row, 'best_val_acc', 100, unit='%')} ({best_epochs})",
             _mean_std(row, "test_acc", 100, unit="%"),
+            _mean_std(row, "final_test_acc", 100, unit="%"),
             _mean_std(row, "train_loss", digits=4), _mean_std(row, "val_loss", digits=4),
             _mean_std(row, "seconds_per_epoch", digits=1),
         ]
@@ -392,7 +394,8 @@ def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
     lines += [
         "",
         "- Train accuracy and the losses are from the last recorded epoch; best valid accuracy is "
-        "the highest over epochs, with its epoch; test accuracy is measured when a run finishes.",
+        "the highest over epochs, with its epoch; when a run finishes it measures the test accuracy "
+        "of the weights of that best epoch (test acc) and of the last epoch (final test acc).",
         "- Rows with several runs (e.g. seeds given as `--tag`) show mean \u00b1 sample standard "
         "deviation (ddof=1) over the runs; a row of one run shows no \u00b1.",
     ]

@@ -270,3 +270,21 @@ def test_cifar100_runs_with_100_classes(cifar100_dir, tmp_path):
     assert train.main("cifar100", tiny_args(cifar100_dir, tmp_path, epochs=1)) == 0
     config = json.loads((tmp_path / "cifar100" / "cnn_base" / "config.json").read_text())
     assert config["num_classes"] == 100 and config["parameters"] == 69656
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_continue(cifar10_dir, tmp_path):
+    args = tiny_args(cifar10_dir, tmp_path, epochs=50, subset=4096)
+    process = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "metrics.csv").exists():
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in stderr
+    saved = len(read_metrics(run_dir))
+    assert f"Interrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}" in stderr
+    assert "--resume" in stderr
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == saved
