@@ -500,7 +500,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
     # -- the loop ---------------------------------------------------------------------------------
     show_progress = master and not args.no_progress and sys.stderr.isatty()
     criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    epoch = start_epoch
+    saved_epochs = start_epoch  # what last.pt holds: what a --resume would continue from
     try:
         for epoch in range(start_epoch + 1, args.epochs + 1):
             started = time.perf_counter()
@@ -557,6 +557,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": get_rng_state(), "history": history,
                     "best": best})
+                saved_epochs = epoch
                 if epoch == start_epoch + 1:
                     for stale in ("summary.json", "eval.json", "confusion_matrix.png"):
                         (run_dir / stale).unlink(missing_ok=True)  # they described an older state
@@ -569,9 +570,9 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
                     f"Time: {float(row['epoch_seconds']):.2f}s")
     except KeyboardInterrupt:
         if master:
-            done = len(history)
-            print(f"\nInterrupted: {done} epoch{'s' if done != 1 else ''} saved in {run_dir}; "
-                  f"continue with the same command and --resume", file=sys.stderr)
+            plural = "s" if saved_epochs != 1 else ""
+            print(f"\nInterrupted: {saved_epochs} epoch{plural} saved in {run_dir}; continue with "
+                  "the same command and --resume", file=sys.stderr)
         return 130
 
     # -- the end: test the best and the final weights -----------------------------------------------
