@@ -727,7 +727,7 @@ def evaluate_checkpoint(args, dataset: str, load_dataset, num_classes: int) -> i
         "images": int(totals[3]), "per_class": dict(zip(data.classes, per_class)),
         "confusion_matrix": confusion.tolist()})
     plot.plot_confusion_matrix(confusion.numpy(), data.classes, out_dir / "confusion_matrix.png",
-                               f"{args.model} on {dataset} test set"
+                               f"{args.model} on the {plot.pretty_dataset(dataset)} test set"
                                f"{' (mirror TTA)' if args.tta else ''}")
     print(f"Wrote {out_dir / 'eval.json'} and {out_dir / 'confusion_matrix.png'}")
     return 0

@@ -16,7 +16,7 @@ done (torch.cuda.synchronize on CUDA); reading the dataset and building the mode
 round of a few steps through each pipeline comes first, then the pipelines alternate (project, dataloader,
 project, ...) so that a shared machine's drift hits both, and the median of --repeats epochs is shown.
 
-By default cnn_base runs whole epochs and the other models, on CPU, 20 steps per timed epoch (whole epochs on
+By default cnn_base runs whole epochs and the other models, on CPU, 5 steps per timed epoch (whole epochs on
 CUDA). With a step limit both pipelines still pay their whole per-epoch set-up (the project crops and flips all
 of the epoch's images when iteration starts; the DataLoader starts its workers), so such a ratio is not the
 ratio of whole epochs. Prints the machine, the versions and the date beside the figures.
@@ -48,8 +48,10 @@ from model import MODELS, build_model  # noqa: E402
 from train import DEFAULT_LR, FALLBACK_LR, UsageError, autocast, pick_device, write_json  # noqa: E402
 
 PIPELINES = ("project", "dataloader")
-CPU_STEPS = 20  # steps per timed epoch for models other than cnn_base on CPU, where an epoch takes many minutes
-WARMUP_STEPS = 3  # the untimed round: allocator, cuDNN autotuning and TrainBatches' buffers, not measured
+# Steps per timed epoch for models other than cnn_base on CPU: a ResNet-18 step at batch 128 takes about 3 s on
+# 2 cores, so a whole epoch would take 20 minutes, and the model, not the pipeline, sets the pace there anyway.
+CPU_STEPS = 5
+WARMUP_STEPS = 2  # the untimed round: first-call costs (allocator, oneDNN/cuDNN set-up, TrainBatches' buffers)
 SEED = 0
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_pickle
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
@@ -288,3 +288,15 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_continue(cifar10_dir, tmp_path):
     assert saved >= 1
     assert f"Interrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}" in stderr
     assert "--resume" in stderr
+
+
+def test_a_damaged_dataset_ends_in_one_line_and_is_left_alone(tmp_path):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
+    (folder / "data_batch_1").write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
+    completed = run_script(tiny_args(tmp_path / "data", tmp_path / "results"))
+    assert completed.returncode == 2
+    assert_one_line_error(completed.stderr, "data_batch_1")
+    assert (folder / "data_batch_1").read_bytes() == b"\x80\x02}q\x00(X"
+    assert not (tmp_path / "results").exists()
