@@ -21,6 +21,7 @@ models and reused, so it is a rough figure; "n/a" where neither is available.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import sys
 import time
@@ -75,6 +76,8 @@ def start_memory(device: torch.device) -> int | None:
         return torch.cuda.memory_allocated(device)
     if device.type == "cpu":
         try:
+            # Hands the memory freed by earlier models back to the system, so that reusing it shows as growth.
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
             Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM to the current VmRSS (Linux >= 4.0)
             return _status_kib("VmRSS") * 1024
         except (OSError, ValueError):
@@ -189,7 +192,7 @@ def format_memory(size: int | None) -> str:
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['model']:18s} {row['parameters']:>11,} {row['gflops']:7.3f} {row['variant']:27s} "
+    print(f"{row['model']:18s} {row['parameters']:>11,} {row['gflops']:7.3g} {row['variant']:27s} "
           f"{row['train_images_per_second']:>11.1f} {row['eval_images_per_second']:>10.1f} "
           f"{format_memory(row['peak_memory_bytes']):>12s}", flush=True)
 
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             print_row(rows[-1])
     if args.out:
         try:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             write_json(Path(args.out), {**run, "rows": rows})
         except OSError as err:
             print(f"error: cannot write {args.out} ({err.strerror}); pass another --out", file=sys.stderr)

@@ -159,8 +159,8 @@ def timed_epoch(batches: Iterable, step: Callable[[torch.Tensor, torch.Tensor], 
 
 
 def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: argparse.Namespace,
-            device: torch.device, max_steps: int | None) -> dict[str, list[float]]:
-    """Seconds of each timed epoch of each pipeline, the pipelines taking turns; also the images per epoch."""
+            device: torch.device, max_steps: int | None) -> tuple[dict[str, list[float]], int]:
+    """Seconds of each timed epoch by pipeline, the pipelines taking turns, and the images of one epoch."""
     amp_dtype = torch.bfloat16 if args.amp else None
     seconds: dict[str, list[float]] = {pipeline: [] for pipeline in PIPELINES}
     images_per_epoch = 0
@@ -179,7 +179,7 @@ def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: a
             if epoch > 0:
                 seconds[pipeline].append(took)
             del net, optimizer
-    return {"seconds": seconds, "images": images_per_epoch}
+    return seconds, images_per_epoch
 
 
 # -- the command line ------------------------------------------------------------------------------------------------
@@ -227,10 +227,12 @@ def default_steps(name: str, device: torch.device) -> int | None:
 
 
 def print_table(rows: list[dict], batch_size: int) -> None:
-    print(f"{'model':16s} {'pipeline':10s} {'steps':>6s} {'median s/epoch':>14s} {'images/s':>9s} "
-          f"{'ratio':>6s}   (ratio: project / dataloader time; batch {batch_size})")
+    print(f"batch {batch_size}; a timed epoch is all of an epoch's steps or the number shown; ratio: project time / "
+          f"dataloader time")
+    print(f"{'model':16s} {'pipeline':10s} {'steps':>9s} {'median s':>9s} {'images/s':>9s} {'ratio':>6s}")
     for row in rows:
-        print(f"{row['model']:16s} {row['pipeline']:10s} {row['steps_label']:>6s} {row['median_seconds']:14.3f} "
+        steps = f"{row['steps']} (all)" if row["whole_epoch"] else str(row["steps"])
+        print(f"{row['model']:16s} {row['pipeline']:10s} {steps:>9s} {row['median_seconds']:9.3f} "
               f"{row['images_per_second']:9.0f} {row['ratio']:6.3f}")
 
 
@@ -252,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     print_run(run)
     print(f"batch {args.batch_size}, dataloader workers {args.workers} (persistent_workers off, pin_memory "
           f"{'on' if device.type == 'cuda' else 'off'}), amp {run['amp']}, channels_last "
-          f"{'on' if args.channels_last else 'off'}, {args.repeats} timed epochs per pipeline")
+          f"{'on' if args.channels_last else 'off'}, repeats {args.repeats} (timed epochs per pipeline)")
 
     mean, std = channel_stats(data.train_images)
     # Built once, outside the timer, as train.py builds it once per run: this is the dataset load.
@@ -262,14 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         max_steps = args.steps if args.steps is not None else default_steps(name, device)
-        result = compare(name, project_batches, dataset, args, device, max_steps)
-        medians = {pipeline: statistics.median(times) for pipeline, times in result["seconds"].items()}
+        seconds, images = compare(name, project_batches, dataset, args, device, max_steps)
+        medians = {pipeline: statistics.median(times) for pipeline, times in seconds.items()}
         for pipeline in PIPELINES:
-            rows.append({"model": name, "pipeline": pipeline, "steps": max_steps or len(project_batches),
-                         "steps_label": str(max_steps) if max_steps else "epoch",
-                         "images": result["images"], "seconds": result["seconds"][pipeline],
-                         "median_seconds": medians[pipeline],
-                         "images_per_second": result["images"] / medians[pipeline],
+            rows.append({"model": name, "pipeline": pipeline, "steps": min(max_steps or len(project_batches),
+                                                                           len(project_batches)),
+                         "whole_epoch": max_steps is None or max_steps >= len(project_batches),
+                         "images": images, "seconds": seconds[pipeline], "median_seconds": medians[pipeline],
+                         "images_per_second": images / medians[pipeline],
                          "ratio": medians[pipeline] / medians["dataloader"]})
         print(f"{name}: {rows[-1]['steps']} steps, median project {medians['project']:.3f} s, "
               f"dataloader {medians['dataloader']:.3f} s", flush=True)
@@ -277,11 +279,12 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, args.batch_size)
     for name in names:
         ratio = next(row["ratio"] for row in rows if row["model"] == name and row["pipeline"] == "project")
-        print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time ({1 / ratio:.2f}x faster)")
+        print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time, a speed-up of "
+              f"{1 / ratio:.2f}x")
     if args.out:
         try:
-            write_json(Path(args.out), {**run, "rows": [{k: v for k, v in row.items() if k != "steps_label"}
-                                                        for row in rows]})
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            write_json(Path(args.out), {**run, "rows": rows})
         except OSError as err:
             print(f"error: cannot write {args.out} ({err.strerror}); pass another --out", file=sys.stderr)
             return 2
