@@ -108,7 +108,7 @@ def _find_or_fetch(spec: CifarSpec, data_dir: Path, download: bool) -> Path:
         return folder
     if not archive.is_file() and not download:
         raise DataError(f"found neither {folder}/ nor {archive}; put the extracted folder or the archive from "
-                        f"{spec.url} in {data_dir}/, or allow downloading")
+                        f"{spec.url} in {data_dir}/ (the training scripts download it there when online)")
     if archive.is_file() and not check_integrity(str(archive), spec.md5):
         # The user's file stays where it is: it may be all they have.
         raise DataError(f"{archive} does not have the official md5 {spec.md5}; it is damaged or another file: "

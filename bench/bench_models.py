@@ -33,10 +33,10 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 from bench_pipeline import (  # noqa: E402  (bench/ is on sys.path as the script's own folder)
-    describe_run, fresh_model, print_run, set_up_device, synchronize, train_step)
+    describe_run, fresh_model, print_run, save_results, set_up_device, synchronize, train_step)
 from load_data_cifar10 import NUM_CLASSES  # noqa: E402
 from model import MODELS, build_model, count_flops, count_parameters  # noqa: E402
-from train import UsageError, autocast, pick_device, write_json  # noqa: E402
+from train import UsageError, autocast, pick_device  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -229,14 +229,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rows.append({"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result})
             print_row(rows[-1])
-    if args.out:
-        try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.out), {**run, "rows": rows})
-        except OSError as err:
-            print(f"error: cannot write {args.out} ({err.strerror}); pass another --out", file=sys.stderr)
-            return 2
-    return 0
+    return save_results(args.out, run, rows)
 
 
 if __name__ == "__main__":

@@ -236,6 +236,19 @@ def print_table(rows: list[dict], batch_size: int) -> None:
               f"{row['images_per_second']:9.0f} {row['ratio']:6.3f}")
 
 
+def save_results(out: str | None, run: dict, rows: list[dict]) -> int:
+    """Write the run's description and rows as JSON to --out, if given; the exit code."""
+    if not out:
+        return 0
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_json(Path(out), {**run, "rows": rows})
+    except OSError as err:
+        print(f"error: cannot write {out} ({err.strerror}); pass another --out", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
     try:
@@ -281,14 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ratio = next(row["ratio"] for row in rows if row["model"] == name and row["pipeline"] == "project")
         print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time, a speed-up of "
               f"{1 / ratio:.2f}x")
-    if args.out:
-        try:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            write_json(Path(args.out), {**run, "rows": rows})
-        except OSError as err:
-            print(f"error: cannot write {args.out} ({err.strerror}); pass another --out", file=sys.stderr)
-            return 2
-    return 0
+    return save_results(args.out, run, rows)
 
 
 if __name__ == "__main__":
