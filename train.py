@@ -198,7 +198,7 @@ def evaluate(net: nn.Module, batches, amp_dtype, tta: bool = False, num_classes:
     """Summed loss, top-1 and top-5 hits and count, kept on the device; optionally a confusion matrix."""
     net.eval()
     device = batches.device
-    totals = torch.zeros(4, device=device, dtype=torch.float64)
+    totals = torch.zeros(4, device=device, dtype=accumulator_dtype(device))
     confusion = torch.zeros(num_classes, num_classes, device=device, dtype=torch.int64)
     for inputs, labels in batches:
         with autocast(device, amp_dtype):
@@ -215,6 +215,11 @@ def evaluate(net: nn.Module, batches, amp_dtype, tta: bool = False, num_classes:
             confusion += torch.bincount(labels * num_classes + top5[:, 0],
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
     return totals, confusion
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """Sums over an epoch in float64, except on Apple GPUs, which have no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def autocast(device: torch.device, amp_dtype):
@@ -506,7 +511,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
             started = time.perf_counter()
             net.train()
             train_batches.set_epoch(epoch)
-            totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, hits, count
+            totals = torch.zeros(3, device=device, dtype=accumulator_dtype(device))  # loss, hits, count
             first_bad_step = torch.full((), -1, device=device)
             progress = _progress_bar(show_progress, steps_per_epoch, epoch, args.epochs)
             for step, (inputs, labels) in enumerate(train_batches, start=1):

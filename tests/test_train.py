@@ -249,7 +249,9 @@ def test_torchrun_two_processes_write_one_run(cifar10_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 "--master_port=29517", "main_cifar10.py"]
-    completed = subprocess.run([*torchrun, *tiny_args(cifar10_dir, tmp_path, subset=200)],
+    # gloo on the CPU, so that this runs on a one-GPU machine too
+    cpu_run = tiny_args(cifar10_dir, tmp_path, "--device", "cpu", subset=200)
+    completed = subprocess.run([*torchrun, *cpu_run],
                                cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert completed.returncode == 0, completed.stderr[-3000:]
     run_dir = tmp_path / "cifar10" / "cnn_base"
@@ -258,7 +260,7 @@ def test_torchrun_two_processes_write_one_run(cifar10_dir, tmp_path):
     assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
     assert completed.stdout.count("Model Saved") == 1
 
-    odd = tiny_args(cifar10_dir, tmp_path / "odd", "--batch-size", "63")
+    odd = tiny_args(cifar10_dir, tmp_path / "odd", "--device", "cpu", "--batch-size", "63")
     completed = subprocess.run([*torchrun, *odd], cwd=REPO_ROOT, capture_output=True, text=True,
                                env=env, timeout=300)
     assert completed.returncode != 0
