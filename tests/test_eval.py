@@ -45,7 +45,9 @@ def direct_test_metrics(checkpoint_path, data_dir, tta: bool):
 @pytest.mark.parametrize("tta", [False, True])
 def test_eval_only_matches_a_direct_computation(trained_run, cifar10_dir, capsys, tta):
     results, run_dir = trained_run
-    args = ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir", str(results)]
+    # On the CPU in float32, like the direct computation (a GPU would evaluate in bf16).
+    args = ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir", str(results),
+            "--device", "cpu"]
     assert train.main("cifar10", args + (["--tta"] if tta else [])) == 0
     output = capsys.readouterr().out
     report = json.loads((run_dir / "eval.json").read_text())

@@ -115,7 +115,8 @@ def test_a_held_out_split_is_recorded_and_used(cifar10_dir, tmp_path):
 
 def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path):
     args = ["--model", "cnn_base", "--epochs", "4", "--subset", "4096", "--batch-size", "16",
-            "--data-dir", str(cifar10_dir), "--no-progress", "--deterministic"]
+            "--data-dir", str(cifar10_dir), "--no-progress", "--deterministic",
+            "--device", "cpu"]
     reference = run_script([*args, "--results-dir", str(tmp_path / "reference")])
     assert reference.returncode == 0, reference.stderr
 
