@@ -29,6 +29,7 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+# The columns of metrics.csv, which train.py writes with these names in this order.
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
                   "epoch_seconds")
 # Model families told apart by colour in comparison.png; the shade within a family follows depth.
@@ -176,7 +177,7 @@ def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
     write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda out: out.write(text.encode("utf-8")))
 
 
@@ -523,8 +524,8 @@ def summarize_dataset(dataset_dir: str | Path) -> list[dict]:
     if not runs:
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
     rows = group_runs(runs, model_names)
-    _write_text(dataset_dir / "summary.csv", summary_csv(rows))
-    _write_text(dataset_dir / "summary.md", summary_markdown(dataset_dir.name, rows))
+    write_text(dataset_dir / "summary.csv", summary_csv(rows))
+    write_text(dataset_dir / "summary.md", summary_markdown(dataset_dir.name, rows))
     plot_comparison(dataset_dir.name, rows, dataset_dir / "comparison.png")
     return [{column: row[column] for column in SUMMARY_CSV_COLUMNS} for row in rows]
 

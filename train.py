@@ -41,8 +41,6 @@ DATASETS = {"cifar10": (load_data_cifar10.load_cifar10, load_data_cifar10.NUM_CL
 # BaseCNN has no BatchNorm and diverges or trains poorly at 0.1; every other model uses 0.1.
 DEFAULT_LR = {"cnn_base": 0.05}
 FALLBACK_LR = 0.1
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-                  "epoch_seconds"]
 # Flags that define what a run computes: on --resume they come from the saved run, and a different
 # value typed on the command line is refused (only --epochs may grow).
 RECIPE_FLAGS = ["batch_size", "seed", "lr", "momentum", "weight_decay", "label_smoothing",
@@ -161,20 +159,16 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
 # (plot.write_atomically), so a crash at any moment leaves the previous version whole.
 
 
-def write_text(path: Path, text: str) -> None:
-    plot.write_atomically(path, lambda f: f.write(text.encode()))
-
-
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    plot.write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=plot.METRIC_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    plot.write_text(path, buffer.getvalue())
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -215,6 +209,12 @@ def evaluate(net: nn.Module, batches, amp_dtype, tta: bool = False, num_classes:
             confusion += torch.bincount(labels * num_classes + top5[:, 0],
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
     return totals, confusion
+
+
+def resolve_amp(requested: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """--amp's name and autocast dtype; auto is bf16 on CUDA and off elsewhere."""
+    name = ("bf16" if device.type == "cuda" else "off") if requested == "auto" else requested
+    return name, {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[name]
 
 
 def accumulator_dtype(device: torch.device) -> torch.dtype:
@@ -386,8 +386,7 @@ def train(args, dataset: str, load_dataset, num_classes: int, given: set[str], d
         return 0
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.model, FALLBACK_LR)
-    amp_name = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp_name]
+    amp_name, amp_dtype = resolve_amp(args.amp, device)
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
 
     # -- data ---------------------------------------------------------------------------------------
@@ -666,7 +665,7 @@ def make_logger(master: bool, run_dir: Path, log_lines: list[str]):
             return
         print(line, flush=True)
         log_lines.append(line)
-        write_text(run_dir / "log.txt", "\n".join(log_lines) + "\n")
+        plot.write_text(run_dir / "log.txt", "\n".join(log_lines) + "\n")
     return say
 
 
@@ -704,8 +703,7 @@ def evaluate_checkpoint(args, dataset: str, load_dataset, num_classes: int) -> i
         raise UsageError(f"{checkpoint_path} has {checkpoint['num_classes']} classes, "
                          f"{dataset} has {num_classes}; use the other main script")
     device = pick_device(args.device, 0)
-    amp_name = ("bf16" if device.type == "cuda" else "off") if args.amp == "auto" else args.amp
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp_name]
+    _, amp_dtype = resolve_amp(args.amp, device)
     net = build_model(args.model, num_classes)
     net.load_state_dict(checkpoint["model"])
     net.to(device)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import platform
 import statistics
@@ -173,12 +174,11 @@ def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: a
                 batches: Iterable = project_batches
             else:
                 batches = dataloader(dataset, args.batch_size, args.workers, device, epoch)
-            took, images_per_epoch = timed_epoch(
-                batches, lambda inputs, labels: train_step(net, optimizer, inputs, labels, amp_dtype),
-                device, args.channels_last, steps)
+            step = functools.partial(train_step, net, optimizer, amp_dtype=amp_dtype)
+            took, images_per_epoch = timed_epoch(batches, step, device, args.channels_last, steps)
             if epoch > 0:
                 seconds[pipeline].append(took)
-            del net, optimizer
+            del net, optimizer, step
     return seconds, images_per_epoch
 
 
