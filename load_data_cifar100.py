@@ -1,12 +1,12 @@
-"""CIFAR-100 (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 100 fine classes grouped into 20
-coarse ones. Only its file names and label keys differ from CIFAR-10; reading and batches are shared and live
-in load_data_cifar10.py.
+"""CIFAR-100 (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 60,000 32x32 colour images in 100
+fine classes grouped into 20 coarse ones. Only its file names and label keys are its own; reading is shared
+with CIFAR-10 in cifar.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from load_data_cifar10 import CifarData, CifarSpec, load_cifar
+from cifar import CifarData, CifarSpec, load_cifar
 
 DATASET_NAME = "cifar100"
 NUM_CLASSES = 100

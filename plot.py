@@ -4,8 +4,10 @@
     python plot.py results/cifar10                # summary.md, summary.csv, comparison.png
     python plot.py results                        # the same for every dataset folder
 
-train.py imports this module and calls plot_curves() after every epoch, so importing it must stay
-cheap: no torch here (the model registry is imported lazily, only to order summary rows).
+Also writes the HTML pages of a dataset folder and of the results root (report.py). Run folders
+are read through runs.py, the module that writes them. train.py calls plot_curves()
+after every epoch, so importing this module must stay cheap: no torch here (the model registry is
+imported lazily, only to order summary rows and colour families).
 Figures are drawn on matplotlib.figure.Figure objects with the Agg canvas and never through
 pyplot, so nothing needs a display and no figure outlives the call that drew it.
 """
@@ -14,13 +16,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from matplotlib import colormaps
@@ -29,12 +28,11 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-# The columns of metrics.csv, which train.py writes with these names in this order.
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-                  "epoch_seconds")
-# Model families told apart by colour in comparison.png; the shade within a family follows depth.
-FAMILY_COLORMAPS = {"base": "Greys", "resnet": "Blues", "densenet": "Greens",
-                    "se_resnet": "Oranges"}
+import runs
+from runs import RunFileError, read_json, read_metrics, warn
+
+# The colour map of models the registry does not know (the registry gives each family its own).
+UNKNOWN_FAMILY_COLORMAP = "Purples"
 # Columns averaged over the runs of one summary row (mean, and sample std when there are several).
 AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
                    "train_loss", "val_loss", "seconds_per_epoch")
@@ -50,49 +48,6 @@ class PlotError(Exception):
 
 # ----------------------------------------------------------------------------------------------
 # Reading run folders
-
-
-def read_metrics(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a metrics.csv as float arrays; PlotError (naming the file) if it is malformed."""
-    try:
-        with open(path, newline="") as metrics_file:
-            reader = csv.DictReader(metrics_file)
-            missing = [name for name in METRIC_COLUMNS if name not in (reader.fieldnames or [])]
-            if missing:
-                raise PlotError(f"{path}: missing columns {', '.join(missing)}")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise PlotError(f"{path}: cannot be read ({err})") from None
-    if not rows:
-        raise PlotError(f"{path}: no epochs recorded")
-    columns: dict[str, list[float]] = {name: [] for name in METRIC_COLUMNS}
-    for line_number, row in enumerate(rows, start=2):
-        for name in METRIC_COLUMNS:
-            try:
-                columns[name].append(float(row[name]))
-            except (TypeError, ValueError):
-                raise PlotError(f"{path}: line {line_number}: {name} is not a number "
-                                f"({row[name]!r})") from None
-    return {name: np.array(values) for name, values in columns.items()}
-
-
-def _read_json(path: Path) -> dict | None:
-    """A JSON object, or None when the file is absent; a broken file is reported and ignored."""
-    if not path.is_file():
-        return None
-    try:
-        content = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        _warn(f"ignoring {path}: not valid JSON ({err})")
-        return None
-    if not isinstance(content, dict):
-        _warn(f"ignoring {path}: expected a JSON object")
-        return None
-    return content
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def known_model_names() -> list[str]:
@@ -113,10 +68,10 @@ def split_run_name(run_name: str, model_names: list[str]) -> tuple[str, str | No
 
 
 def read_run(run_dir: Path, model_names: list[str]) -> dict:
-    """Everything the summary needs about one run; PlotError if its metrics.csv is malformed."""
-    metrics = read_metrics(run_dir / "metrics.csv")
-    config = _read_json(run_dir / "config.json") or {}
-    summary = _read_json(run_dir / "summary.json")
+    """Everything the summary needs about one run; RunFileError if its metrics.csv is malformed."""
+    metrics = read_metrics(run_dir / runs.METRICS_FILE)
+    config = read_json(run_dir / runs.CONFIG_FILE) or {}
+    summary = read_json(run_dir / runs.SUMMARY_FILE)
     model, tag = split_run_name(run_dir.name, model_names)
     if "model" in config:
         model, tag = str(config["model"]), config.get("tag")
@@ -150,35 +105,9 @@ def _as_float(value: object) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-# ----------------------------------------------------------------------------------------------
-# Writing files atomically: a reader (or a crash mid-write) never sees half a file.
-
-
-def write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
-    """Write a file through a temporary one renamed over it; train.py writes every run file this way."""
-    path = Path(path)
-    # Same folder so os.replace is a rename on one filesystem; same suffix so tools that look at the
-    # name see what the file is; opened with open() rather than mkstemp so the file gets the usual
-    # permissions (mkstemp's are owner-only) and results stay readable by the team.
-    temp_path = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        with open(temp_path, "wb") as temp_file:
-            write(temp_file)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())  # on disk before the rename, so a power cut leaves one or the other
-        os.replace(temp_path, path)
-    except BaseException:
-        temp_path.unlink(missing_ok=True)
-        raise
-
-
 def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
     FigureCanvasAgg(figure)
-    write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
-
-
-def write_text(path: Path, text: str) -> None:
-    write_atomically(path, lambda out: out.write(text.encode("utf-8")))
+    runs.write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,9 +122,9 @@ def pretty_dataset(name: str) -> str:
 def plot_curves(run_dir: str | Path) -> Path:
     """Draw <run_dir>/curves.png (loss and accuracy per epoch) from metrics.csv; return its path."""
     run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir / "metrics.csv")
-    config = _read_json(run_dir / "config.json") or {}
-    summary = _read_json(run_dir / "summary.json")
+    metrics = read_metrics(run_dir / runs.METRICS_FILE)
+    config = read_json(run_dir / runs.CONFIG_FILE) or {}
+    summary = read_json(run_dir / runs.SUMMARY_FILE)
     epochs = metrics["epoch"]
     run_name = run_dir.name
     if "model" in config:
@@ -228,7 +157,7 @@ def plot_curves(run_dir: str | Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend(loc="best", fontsize=9)
     figure.suptitle(title)
-    path = run_dir / "curves.png"
+    path = run_dir / runs.CURVES_FILE
     _save_figure(figure, path, dpi=120)
     return path
 
@@ -283,14 +212,14 @@ def model_order_key(model: str, model_names: list[str]) -> tuple[int, str]:
     return (model_names.index(model), "") if model in model_names else (len(model_names), model)
 
 
-def group_runs(runs: list[dict], model_names: list[str]) -> list[dict]:
+def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
     """Summary rows: finished runs of one model and epoch count (e.g. several seeds) form one row.
 
     An unfinished run keeps a row of its own: averaging it with finished runs, or with other runs
     stopped at other epochs, would mix numbers that do not measure the same thing.
     """
     groups: dict[tuple, list[dict]] = {}
-    for run in runs:
+    for run in records:
         key = (run["model"], True, run["epochs"], "") if run["finished"] else (
             run["model"], False, run["epochs"], run["run_dir"])
         groups.setdefault(key, []).append(run)
@@ -366,32 +295,44 @@ def run_label(row: dict) -> str:
     return f"{row['run_dirs']} (unfinished, {progress} epochs)"
 
 
+# The columns of summary.md (and of the HTML report's table), one cell each per summary row.
+SUMMARY_COLUMNS = ("model", "runs", "parameters", "FLOPs", "epochs", "train acc",
+                   "best valid acc (epoch)", "test acc", "final test acc", "train loss",
+                   "valid loss", "s/epoch")
+
+
+def summary_cells(row: dict) -> list[tuple[str, object]]:
+    """(text, sort key) per SUMMARY_COLUMNS column of one summary row; the model's sort key is empty
+    (its order is the registry's, the rows' own)."""
+    tags = [tag if tag else "untagged" for tag in row["tags"]]
+    run_cell = str(row["runs"]) + (f" ({', '.join(map(str, tags))})" if any(row["tags"]) else "")
+    epochs = [run["best_epoch"] for run in row["members"]]
+    best_epochs = str(min(epochs)) + (f"\u2013{max(epochs)}" if max(epochs) != min(epochs) else "")
+    return [
+        (run_label(row), ""),
+        (run_cell, row["runs"]),
+        (_count(row["parameters"]), row["parameters"]),
+        (_count(row["flops"]), row["flops"]),
+        (str(row["epochs"]), row["epochs"]),
+        (_mean_std(row, "train_acc", 100, unit="%"), row["train_acc"]),
+        (f"{_mean_std(row, 'best_val_acc', 100, unit='%')} ({best_epochs})", row["best_val_acc"]),
+        (_mean_std(row, "test_acc", 100, unit="%"), row["test_acc"]),
+        (_mean_std(row, "final_test_acc", 100, unit="%"), row["final_test_acc"]),
+        (_mean_std(row, "train_loss", digits=4), row["train_loss"]),
+        (_mean_std(row, "val_loss", digits=4), row["val_loss"]),
+        (_mean_std(row, "seconds_per_epoch", digits=1), row["seconds_per_epoch"]),
+    ]
+
+
 def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
     lines = [
         f"# {pretty_dataset(dataset_name)} results",
         "",
-        "| model | runs | parameters | FLOPs | epochs | train acc | best valid acc (epoch) "
-        "| test acc | final test acc | train loss | valid loss | s/epoch |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(SUMMARY_COLUMNS) - 1),
     ]
     for row in rows:
-        tags = [tag if tag else "untagged" for tag in row["tags"]]
-        runs = str(row["runs"]) + (f" ({', '.join(tags)})" if any(row["tags"]) else "")
-        epochs = [run["best_epoch"] for run in row["members"]]
-        best_epochs = str(min(epochs))
-        if max(epochs) != min(epochs):
-            best_epochs += f"\u2013{max(epochs)}"
-        cells = [
-            run_label(row), runs, _count(row["parameters"]), _count(row["flops"]),
-            str(row["epochs"]),
-            _mean_std(row, "train_acc", 100, unit="%"),
-            f"{_mean_std(row, 'best_val_acc', 100, unit='%')} ({best_epochs})",
-            _mean_std(row, "test_acc", 100, unit="%"),
-            _mean_std(row, "final_test_acc", 100, unit="%"),
-            _mean_std(row, "train_loss", digits=4), _mean_std(row, "val_loss", digits=4),
-            _mean_std(row, "seconds_per_epoch", digits=1),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(text for text, _ in summary_cells(row)) + " |")
     lines += [
         "",
         "- Train accuracy and the losses are from the last recorded epoch; best valid accuracy is "
@@ -408,20 +349,15 @@ def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _family(model: str) -> str:
-    name = model.removeprefix("cnn_")
-    for family in ("se_resnet", "densenet", "resnet", "base"):
-        if name.startswith(family):
-            return family
-    return "other"
-
-
 def model_colors(models: list[str]) -> dict[str, tuple]:
-    """One colour per model: the family picks the colour map, the depth rank the shade."""
+    """One colour per model: the family's colour map (from the registry), the depth rank the shade;
+    models the registry does not know share one colour map."""
+    from model import FAMILIES, MODELS
+    family = {model: MODELS[model].family if model in MODELS else None for model in models}
     colors = {}
-    for family in {_family(model) for model in models}:
-        members = [model for model in models if _family(model) == family]
-        cmap = colormaps[FAMILY_COLORMAPS.get(family, "Purples")]
+    for name in dict.fromkeys(family.values()):
+        members = [model for model in models if family[model] == name]
+        cmap = colormaps[FAMILIES.get(name, UNKNOWN_FAMILY_COLORMAP)]
         # Shades from 0.45 to 0.95 of the map: lighter ones vanish on white.
         shades = np.linspace(0.45, 0.95, len(members)) if len(members) > 1 else [0.8]
         for model, shade in zip(members, shades):
@@ -504,29 +440,33 @@ def plot_comparison(dataset_name: str, rows: list[dict], path: Path) -> None:
     _save_figure(figure, path, dpi=110)
 
 
-def summarize_dataset(dataset_dir: str | Path) -> list[dict]:
-    """Write summary.md, summary.csv and comparison.png into a dataset folder; returns the rows.
+def summarize_dataset(dataset_dir: str | Path, index_link: bool | None = None) -> list[dict]:
+    """Write summary.md, summary.csv, comparison.png and the HTML page index.html into a dataset
+    folder; returns the rows (summary.csv's columns). index_link: whether the page links up to
+    the results root's index.html (None: if that exists).
 
     Folders without a usable metrics.csv are reported on stderr and left out; PlotError if no run
     is left.
     """
+    import report  # here, not at the top: report imports this module
     dataset_dir = Path(dataset_dir)
     model_names = known_model_names()
-    runs = []
+    records = []
     for run_dir in sorted(path for path in dataset_dir.iterdir() if path.is_dir()):
-        if not (run_dir / "metrics.csv").is_file():
-            _warn(f"skipping {run_dir}: no metrics.csv")
+        if not (run_dir / runs.METRICS_FILE).is_file():
+            warn(f"skipping {run_dir}: no metrics.csv")
             continue
         try:
-            runs.append(read_run(run_dir, model_names))
-        except PlotError as err:
-            _warn(f"skipping {err}")
-    if not runs:
+            records.append(read_run(run_dir, model_names))
+        except RunFileError as err:
+            warn(f"skipping {err}")
+    if not records:
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
-    rows = group_runs(runs, model_names)
-    write_text(dataset_dir / "summary.csv", summary_csv(rows))
-    write_text(dataset_dir / "summary.md", summary_markdown(dataset_dir.name, rows))
+    rows = group_runs(records, model_names)
+    runs.write_text(dataset_dir / "summary.csv", summary_csv(rows))
+    runs.write_text(dataset_dir / "summary.md", summary_markdown(dataset_dir.name, rows))
     plot_comparison(dataset_dir.name, rows, dataset_dir / "comparison.png")
+    report.write_dataset_page(dataset_dir, rows, index_link)
     return [{column: row[column] for column in SUMMARY_CSV_COLUMNS} for row in rows]
 
 
@@ -535,7 +475,7 @@ def summarize_dataset(dataset_dir: str | Path) -> list[dict]:
 
 
 def _has_runs(folder: Path) -> bool:
-    return any((child / "metrics.csv").is_file() for child in folder.iterdir() if child.is_dir())
+    return any((child / runs.METRICS_FILE).is_file() for child in folder.iterdir() if child.is_dir())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.is_dir():
             raise PlotError(f"{path}: no such folder; give a run folder, a dataset folder or the "
                             "results root")
-        if (path / "metrics.csv").is_file():
+        if (path / runs.METRICS_FILE).is_file():
             print(plot_curves(path))
             return 0
         if _has_runs(path):
@@ -562,20 +502,26 @@ def main(argv: list[str] | None = None) -> int:
         if not dataset_dirs:
             raise PlotError(f"{path}: nothing to plot (no metrics.csv in it, in its folders or in "
                             "theirs); give a run folder, a dataset folder or the results root")
-        summarized = 0
+        summarized = []
         for dataset_dir in dataset_dirs:
             try:
-                summarize_dataset(dataset_dir)
+                summarize_dataset(dataset_dir, index_link=True)
                 print(dataset_dir / "summary.md")
-                summarized += 1
+                summarized.append(dataset_dir)
             except PlotError as err:
-                _warn(str(err))
+                warn(str(err))
         if not summarized:
             raise PlotError(f"{path}: no dataset folder had a usable run")
+        import report  # here, not at the top: report imports this module
+        print(report.write_index(path, summarized))
         return 0
-    except PlotError as err:
+    except (PlotError, RunFileError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except runs.WriteFailed as err:
+        print(f"error: {err}; the files written before are complete; free space and run it again",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

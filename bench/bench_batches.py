@@ -1,4 +1,4 @@
-"""How long reading CIFAR-10 and making one epoch of training batches take (load_data_cifar10.py).
+"""How long reading CIFAR-10 and making one epoch of training batches take (cifar.py, batches.py).
 
     python bench/bench_batches.py [--data-dir data] [--device cpu] [--repeats 5] [--threads N]
 
@@ -9,45 +9,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import platform
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from load_data_cifar10 import AUGMENTATIONS, DataError, TrainBatches, channel_stats, load_cifar10  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine(device: torch.device) -> str:
-    described = f"{cpu_name()}, {os.cpu_count()} cores, torch using {torch.get_num_threads()} threads"
-    if device.type == "cuda":
-        described = f"{torch.cuda.get_device_name(device)} with {described}"
-    return described
-
-
-def seconds(action, device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    action()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
+from common import machine, seconds  # bench/ is on sys.path as the script's own folder
+from batches import AUGMENTATIONS, TrainBatches, channel_stats
+from cifar import DataError
+from load_data_cifar10 import load_cifar10
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from bench_pipeline import (  # noqa: E402  (bench/ is on sys.path as the script's own folder)
-    describe_run, fresh_model, print_run, save_results, set_up_device, synchronize, train_step)
-from load_data_cifar10 import NUM_CLASSES  # noqa: E402
-from model import MODELS, build_model, count_flops, count_parameters  # noqa: E402
-from train import UsageError, autocast, pick_device  # noqa: E402
+from common import (check_out, describe_run, fresh_model, print_run, save_results, set_up_device, split_names,
+                    synchronize, train_step)  # bench/ is on sys.path as the script's own folder
+from devices import DEVICE_CHOICES, autocast, pick_device
+from errors import UsageError
+from load_data_cifar10 import NUM_CLASSES
+from model import MODELS, build_model, count_flops, count_parameters
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,8 @@ def measure(name: str, variant: Variant, args: argparse.Namespace, device: torch
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default=",".join(MODELS),
-                        help="comma-separated model names (default: all 15)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                        help="comma-separated model names (default: all of --list-models)")
+    parser.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES),
                         help="device to measure (default: auto, which is cuda, then mps, then cpu)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="batch size of training and evaluation (default: 256 on CUDA, 32 elsewhere)")
@@ -157,14 +157,6 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def split_names(text: str, flag: str, known: list[str]) -> list[str]:
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in known]
-    if unknown or not names:
-        raise UsageError(f"{flag}: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
-    return names
-
-
 def settle_arguments(args: argparse.Namespace, device: torch.device) -> tuple[list[str], list[str]]:
     """Fills in the device's defaults; returns the model and variant names. A UsageError for bad values."""
     batch_size, warmup, steps = DEFAULT_STEPS["cuda" if device.type == "cuda" else "cpu"]
@@ -175,8 +167,7 @@ def settle_arguments(args: argparse.Namespace, device: torch.device) -> tuple[li
                                ("--steps", args.steps, 1)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least} (got {value})")
-    if args.out and Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out}/bench_models.json")
+    check_out(args.out, "bench_models")
     names = split_names(args.models, "--models", list(MODELS))
     if args.variants is not None:
         variants = split_names(args.variants, "--variants", list(VARIANTS))

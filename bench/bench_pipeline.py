@@ -24,88 +24,32 @@ ratio of whole epochs. Prints the machine, the versions and the date beside the 
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import itertools
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
-from bench_batches import machine  # noqa: E402  (bench/ is on sys.path as the script's own folder)
-from load_data_cifar10 import NUM_CLASSES, DataError, TrainBatches, channel_stats, load_cifar10  # noqa: E402
-from model import MODELS, build_model  # noqa: E402
-from train import DEFAULT_LR, FALLBACK_LR, UsageError, autocast, pick_device, write_json  # noqa: E402
+from common import (SEED, describe_run, fresh_model, print_run, save_results, set_up_device, synchronize,
+                    train_step, check_out, split_names)  # bench/ is on sys.path as the script's own folder
+from batches import TrainBatches, channel_stats
+from cifar import DataError
+from devices import DEVICE_CHOICES, pick_device
+from errors import UsageError
+from load_data_cifar10 import load_cifar10
+from model import MODELS
 
 PIPELINES = ("project", "dataloader")
 # Steps per timed epoch for models other than cnn_base on CPU: a ResNet-18 step at batch 128 takes about 3 s on
 # 2 cores, so a whole epoch would take 20 minutes, and the model, not the pipeline, sets the pace there anyway.
 CPU_STEPS = 5
 WARMUP_STEPS = 2  # the untimed round: first-call costs (allocator, oneDNN/cuDNN set-up, TrainBatches' buffers)
-SEED = 0
-
-
-# -- what both pipelines share: the machine, the model and the training step --------------------------------------
-
-def describe_run(device: torch.device) -> dict:
-    """The machine, versions and date that every table of these benchmarks is printed with."""
-    return {"machine": machine(device), "device": str(device), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="minutes")}
-
-
-def print_run(run: dict) -> None:
-    print(f"machine: {run['machine']}; device {run['device']}")
-    print(f"versions: torch {run['torch']}, torchvision {run['torchvision']}, python {run['python']}; {run['date']}")
-
-
-def set_up_device(device: torch.device) -> None:
-    """The same backend settings as train.py, so the figures are those of a real run."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the queued GPU work, so that a timer stopped next measures the work and not its queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def fresh_model(name: str, device: torch.device, channels_last: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model from the same seed each time, in training mode, with train.py's optimizer and learning rate."""
-    torch.manual_seed(SEED)
-    net = build_model(name, NUM_CLASSES).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    net.train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=DEFAULT_LR.get(name, FALLBACK_LR), momentum=0.9,
-                                nesterov=True, weight_decay=5e-4)
-    return net, optimizer
-
-
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
-               amp_dtype: torch.dtype | None) -> None:
-    """train.py's step without its bookkeeping; nothing is read back, so the host never waits for the device."""
-    with autocast(inputs.device, amp_dtype):
-        loss = F.cross_entropy(net(inputs).float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
 
 
 # -- the torchvision pipeline ----------------------------------------------------------------------------------------
@@ -187,7 +131,7 @@ def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: a
 def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py/ (default: data)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+    parser.add_argument("--device", default="auto", choices=list(DEVICE_CHOICES),
                         help="training device (default: auto, which is cuda, then mps, then cpu)")
     parser.add_argument("--batch-size", type=int, default=128, help="batch size of both pipelines (default: 128)")
     parser.add_argument("--repeats", type=int, default=3,
@@ -208,17 +152,12 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
 
 def check_arguments(args: argparse.Namespace) -> list[str]:
     """The model names asked for; a UsageError for anything a user can get wrong on the command line."""
-    names = [name.strip() for name in args.models.split(",") if name.strip()]
-    unknown = [name for name in names if name not in MODELS]
-    if unknown or not names:
-        raise UsageError(f"--models: unknown model {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(MODELS)}")
+    names = split_names(args.models, "--models", list(MODELS))
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--repeats", args.repeats, 1),
                                ("--steps", args.steps, 1), ("--workers", args.workers, 0)):
         if value is not None and value < least:
             raise UsageError(f"{flag} must be at least {least} (got {value})")
-    if args.out and Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a folder; pass a file name such as {args.out}/bench_pipeline.json")
+    check_out(args.out, "bench_pipeline")
     return names
 
 
@@ -234,19 +173,6 @@ def print_table(rows: list[dict], batch_size: int) -> None:
         steps = f"{row['steps']} (all)" if row["whole_epoch"] else str(row["steps"])
         print(f"{row['model']:16s} {row['pipeline']:10s} {steps:>9s} {row['median_seconds']:9.3f} "
               f"{row['images_per_second']:9.0f} {row['ratio']:6.3f}")
-
-
-def save_results(out: str | None, run: dict, rows: list[dict]) -> int:
-    """Write the run's description and rows as JSON to --out, if given; the exit code."""
-    if not out:
-        return 0
-    try:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        write_json(Path(out), {**run, "rows": rows})
-    except OSError as err:
-        print(f"error: cannot write {out} ({err.strerror}); pass another --out", file=sys.stderr)
-        return 2
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

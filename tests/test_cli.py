@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from conftest import REPO_ROOT
-from model import MODELS, model_table_markdown
+from model import FAMILIES, MODELS, model_table_markdown, models_in
 
 
 def run(*args):
@@ -14,12 +14,38 @@ def run(*args):
                           timeout=300)
 
 
+COURSE_15 = ["cnn_base", "cnn_resnet18", "cnn_resnet34", "cnn_resnet50", "cnn_resnet101", "cnn_resnet152",
+             "cnn_densenet121", "cnn_densenet169", "cnn_densenet201", "cnn_densenet264", "cnn_se_resnet18",
+             "cnn_se_resnet34", "cnn_se_resnet50", "cnn_se_resnet101", "cnn_se_resnet152"]
+
+
 @pytest.mark.parametrize("script", ["main_cifar10.py", "main_cifar100.py"])
-def test_list_models_prints_the_15_flags_and_nothing_else(script):
+def test_list_models_prints_every_flag_the_course_15_first(script):
     completed = run(script, "--list-models")
-    assert completed.returncode == 0
+    assert completed.returncode == 0 and completed.stderr == ""
     assert completed.stdout.splitlines() == list(MODELS)
-    assert len(MODELS) == 15 and completed.stderr == ""
+    assert completed.stdout.splitlines()[:15] == COURSE_15
+
+
+def test_list_models_course_prints_the_course_15_for_sweeps_that_keep_to_them():
+    completed = run("main_cifar10.py", "--list-models", "course")
+    assert completed.returncode == 0
+    assert completed.stdout.splitlines() == COURSE_15
+
+
+def test_list_models_of_a_family_prints_its_members_in_registry_order():
+    completed = run("main_cifar10.py", "--list-models", "densenet")
+    assert completed.returncode == 0
+    assert completed.stdout.splitlines() == ["cnn_densenet121", "cnn_densenet169", "cnn_densenet201",
+                                             "cnn_densenet264"]
+    every_family = [name for family in FAMILIES for name in models_in(family)]
+    assert sorted(every_family) == sorted(MODELS)  # each model in exactly one listed family
+
+
+def test_list_models_of_an_unknown_family_is_one_line_exit_2():
+    completed = run("main_cifar10.py", "--list-models", "transformers")
+    assert completed.returncode == 2 and completed.stdout == ""
+    assert len(completed.stderr.splitlines()) == 1 and "course" in completed.stderr
 
 
 def test_summary_prints_the_network_its_size_and_cost_for_the_dataset():

@@ -88,3 +88,35 @@ def test_eval_only_refuses_foreign_and_corrupt_checkpoints(trained_run, cifar10_
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and "not a readable checkpoint" in error
     assert corrupt.read_bytes() == b"not a checkpoint"
+
+
+def test_predict_prints_the_top5_classes_of_each_image(trained_run, cifar10_dir, tmp_path, capsys):
+    from torchvision.io import encode_jpeg, write_file, write_png
+    results, _ = trained_run
+    generator = torch.Generator().manual_seed(0)
+    png, jpeg = tmp_path / "cat.png", tmp_path / "dog.jpg"
+    write_png(torch.randint(0, 256, (3, 40, 50), dtype=torch.uint8, generator=generator), str(png))
+    write_file(str(jpeg), encode_jpeg(torch.randint(0, 256, (3, 300, 200), dtype=torch.uint8,
+                                                    generator=generator)))
+    assert train.main("cifar10", ["--predict", str(png), str(jpeg), "--results-dir", str(results),
+                                  "--data-dir", str(cifar10_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [str(png), str(jpeg)]
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for line in lines:
+        classes = [part.rsplit(" ", 1) for part in line.split(": ", 1)[1].split(", ")]
+        assert len(classes) == 5 and all(name in names for name, _ in classes)
+        percents = [float(percent.rstrip("%")) for _, percent in classes]
+        assert percents == sorted(percents, reverse=True) and sum(percents) <= 100.05
+
+
+def test_predict_refuses_a_missing_or_non_image_file_in_one_line(trained_run, cifar10_dir,
+                                                                 tmp_path, capsys):
+    results, _ = trained_run
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not pixels")
+    for path in (tmp_path / "missing.jpg", not_an_image):
+        assert train.main("cifar10", ["--predict", str(path), "--results-dir", str(results),
+                                      "--data-dir", str(cifar10_dir)]) == 2
+        error = capsys.readouterr().err
+        assert error.count("\n") == 1 and error.startswith("error: ") and str(path) in error

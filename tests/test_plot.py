@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import plot
+from runs import RunFileError
 from model import MODELS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +88,7 @@ def test_plot_curves_needs_only_metrics_csv_and_draws_a_single_epoch(tmp_path):
 def test_plot_curves_reports_a_malformed_metrics_csv_by_path(tmp_path):
     run_dir = make_run(tmp_path / "cifar10", "cnn_base")
     (run_dir / "metrics.csv").write_text(METRICS_HEADER + "\n1,0.1,oops,0.1,2.0,0.1,0.5,3.0\n")
-    with pytest.raises(plot.PlotError, match="metrics.csv.*train_loss"):
+    with pytest.raises(RunFileError, match="metrics.csv.*train_loss"):
         plot.plot_curves(run_dir)
 
 

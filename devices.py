@@ -1,0 +1,46 @@
+"""Which device trains, in which precision: the --device and --amp choices and what they resolve to.
+
+train.py and the bench scripts read the choices from here, so the command lines always agree.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from errors import UsageError
+
+DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    """--device's choice; auto is cuda, then mps, then cpu."""
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if requested == "cuda" and not cuda:
+        raise UsageError("--device cuda: no CUDA GPU is available here; use --device cpu or auto")
+    if requested == "mps" and not mps:
+        raise UsageError("--device mps: no Apple GPU is available here; use --device cpu or auto")
+    if requested == "cuda" or (requested == "auto" and cuda):
+        return torch.device("cuda", local_rank)
+    if requested == "mps" or (requested == "auto" and mps):
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_amp(requested: str, device: torch.device) -> tuple[str, torch.dtype | None]:
+    """--amp's name and autocast dtype; auto is bf16 on CUDA and off elsewhere."""
+    name = ("bf16" if device.type == "cuda" else "off") if requested == "auto" else requested
+    return name, AMP_DTYPES[name]
+
+
+def autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """Sums over an epoch in float64, except on Apple GPUs, which have no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64

@@ -1,0 +1,308 @@
+"""HTML pages of a results folder: one static page per dataset and an index linking the datasets.
+
+The pages open from the file system and can be zipped and sent: every link is relative, nothing is
+fetched (no external CSS, scripts or fonts) and images are linked only when the file is there.
+Everything taken from the run files (model names, tags, class names, paths, any JSON string) goes
+through html.escape, so a crafted class name or tag shows as text instead of running as markup.
+The summary table is plot.py's (same rows, same cells); a few lines of inline script sort it by a
+clicked column header, and without script it reads in summary.md's order.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import json
+import math
+import os
+import re
+from html import escape
+from pathlib import Path
+from urllib.parse import quote
+
+import plot
+import runs
+from runs import (CONFIG_FILE, CONFUSION_FILE, CURVES_FILE, EVAL_FILE, SUMMARY_FILE,
+                  write_text)
+
+# The settings a reader compares between runs, in this order, when config.json has them.
+SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
+            "warmup_epochs", "aug", "seed", "tag", "val_size", "validation", "subset", "device",
+            "gpu_name", "amp", "channels_last", "compile", "world_size", "torch_version")
+STYLE = """
+body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; padding: 0 1em;
+       color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0 1em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; vertical-align: top; }
+th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
+table.sortable th { cursor: pointer; } tbody tr:nth-child(even) { background: #fafafa; }
+.scroll { overflow-x: auto; } #summary td { white-space: nowrap; }
+#summary td:nth-child(-n+2) { white-space: normal; min-width: 8em; }
+th[aria-sort=ascending]::after { content: " \\25b2"; }
+th[aria-sort=descending]::after { content: " \\25bc"; }
+img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+section.run { border-top: 2px solid #ddd; margin-top: 1.5em; }
+.columns { display: flex; flex-wrap: wrap; gap: 1.5em; } .columns > div { flex: 1 1 380px; }
+dl.settings { display: grid; grid-template-columns: repeat(2, max-content minmax(6em, auto));
+              gap: 0.15em 0.8em; margin: 0.5em 0; }
+dl.settings dt { font-weight: 600; } dl.settings dd { margin: 0; overflow-wrap: anywhere; }
+.muted { color: #777; } h3 a.muted { font-size: 0.8em; font-weight: normal; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+# Sorts a table.sortable by the data-sort values of the clicked column; empty cells stay last.
+SORT_SCRIPT = """
+document.querySelectorAll("table.sortable").forEach(function (table) {
+  var headers = table.tHead.rows[0].cells;
+  Array.prototype.forEach.call(headers, function (header, column) {
+    header.title = "sort by this column";
+    header.addEventListener("click", function () {
+      var ascending = header.getAttribute("aria-sort") !== "ascending";
+      Array.prototype.forEach.call(headers, function (h) { h.removeAttribute("aria-sort"); });
+      header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+      var body = table.tBodies[0], rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[column].dataset.sort, y = b.cells[column].dataset.sort;
+        if (x === "" || y === "") return (x === "") - (y === "");
+        var order = isNaN(x) || isNaN(y) ? x.localeCompare(y) : x - y;
+        return ascending ? order : -order;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+# No network, no plugins, and only our own script: even markup that slipped past escaping could
+# neither run a script nor load anything from elsewhere.
+_SCRIPT_HASH = base64.b64encode(hashlib.sha256(SORT_SCRIPT.encode()).digest()).decode()
+CONTENT_POLICY = (f"default-src 'none'; img-src 'self' file:; style-src 'unsafe-inline'; "
+                  f"script-src 'sha256-{_SCRIPT_HASH}'")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of a page
+
+
+def _href(path: str) -> str:
+    """A relative link from a file path: percent-encoded (a '#' or space in a folder name would
+    otherwise cut the link), then escaped for the attribute."""
+    return escape(quote(path), quote=True)
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _percent(value: object) -> str:
+    number = _number(value)
+    return "" if number is None else f"{100 * number:.2f}%"
+
+
+def _image(path: Path, relative: str, alt: str, missing: str) -> str:
+    if not path.is_file():
+        return f'<p class="muted">{escape(missing)}</p>'
+    return (f'<a href="{_href(relative)}"><img src="{_href(relative)}" alt="{escape(alt)}" '
+            f'loading="lazy"></a>')
+
+
+def _page(title: str, body: list[str], sortable: bool = False) -> str:
+    script = f"<script>{SORT_SCRIPT}</script>" if sortable else ""
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CONTENT_POLICY}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title>", f"<style>{STYLE}</style>", "</head>", "<body>",
+        *body, script, "</body>", "</html>", ""])
+
+
+# ----------------------------------------------------------------------------------------------
+# The summary table
+
+
+def _run_ids(rows: list[dict]) -> dict[str, str]:
+    """An HTML id per run folder, readable and unique, for links from the table to the run."""
+    ids: dict[str, str] = {}
+    for run in (run for row in rows for run in row["members"]):
+        base = "run-" + re.sub(r"[^A-Za-z0-9_.-]", "_", run["run_dir"])
+        ids[run["run_dir"]] = base if base not in ids.values() else f"{base}-{len(ids)}"
+    return ids
+
+
+def _summary_table(rows: list[dict], run_ids: dict[str, str]) -> str:
+    headers = "".join(f'<th scope="col">{escape(name)}</th>' for name in plot.SUMMARY_COLUMNS)
+    lines = ['<div class="scroll"><table class="sortable" id="summary">',
+             f"<thead><tr>{headers}</tr></thead>", "<tbody>"]
+    for position, row in enumerate(rows):
+        cells = []
+        for column, (text, key) in enumerate(plot.summary_cells(row)):
+            key = position if column == 0 else key
+            sort_key = "" if key is None or key == "" else str(key)
+            content = escape(text)
+            if column == 0:  # the model links to its (first) run below
+                content = f'<a href="#{run_ids[row["members"][0]["run_dir"]]}">{content}</a>'
+            cells.append(f'<td data-sort="{escape(sort_key)}">{content}</td>')
+        lines.append("<tr>" + "".join(cells) + "</tr>")
+    lines.append("</tbody></table></div>")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# One run
+
+
+def _settings_list(config: dict) -> str:
+    if not config:
+        return '<p class="muted">no readable config.json</p>'
+    items = []
+    for name in SETTINGS:
+        if name in config:
+            value = config[name]
+            text = value if isinstance(value, str) else json.dumps(value)  # as config.json has it
+            items.append(f"<dt>{escape(name)}</dt><dd>{escape(text)}</dd>")
+    return '<dl class="settings">' + "".join(items) + "</dl>"
+
+
+def _results_lines(run: dict, summary: dict) -> str:
+    planned = f"/{run['planned_epochs']}" if run.get("planned_epochs") else ""
+    status = "finished" if run["finished"] else "unfinished"
+    items = [f"{status}, {run['epochs']}{planned} epochs",
+             f"best valid accuracy {_percent(run['best_val_acc'])} (epoch {run['best_epoch']})"]
+    if _number(summary.get("test_acc")) is not None:
+        items.append(f"test accuracy {_percent(summary['test_acc'])} (best.pt, epoch "
+                     f"{summary.get('best_epoch', run['best_epoch'])}), "
+                     f"{_percent(summary.get('final_test_acc'))} (final weights)")
+    else:
+        items.append("no test accuracy in summary.json" if run["finished"]
+                     else "no test accuracy yet (the run has not finished)")
+    return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
+
+
+def _evaluation(run_dir: Path, name: str) -> str:
+    evaluation = runs.read_json(run_dir / EVAL_FILE) or {}
+    if not evaluation:
+        return '<p class="muted">not evaluated (no eval.json; run it with --eval-only)</p>'
+    epoch = evaluation.get("checkpoint_epoch")
+    line = (f"top-1 {_percent(evaluation.get('top1'))}, top-5 {_percent(evaluation.get('top5'))}, "
+            f"mirror TTA {'on' if evaluation.get('tta') is True else 'off'}"
+            + (f", checkpoint of epoch {epoch}" if epoch is not None else "")
+            + (f", {evaluation['images']} images" if "images" in evaluation else ""))
+    parts = [f"<p>{escape(line)}</p>",
+             _image(run_dir / CONFUSION_FILE, f"{name}/{CONFUSION_FILE}",
+                    f"confusion matrix of {name}", "no confusion_matrix.png")]
+    per_class = evaluation.get("per_class")
+    if isinstance(per_class, dict) and per_class:
+        rows = "".join(f"<tr><td>{escape(str(class_name))}</td><td>{_percent(accuracy)}</td></tr>"
+                       for class_name, accuracy in per_class.items())
+        parts.append("<details><summary>accuracy per class</summary><table><thead><tr><th>class"
+                     f"</th><th>top-1</th></tr></thead><tbody>{rows}</tbody></table></details>")
+    return "\n".join(parts)
+
+
+def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:
+    """One run: its settings, results and curves, and its evaluation where it has one."""
+    name = run["run_dir"]
+    run_dir = dataset_dir / name
+    return "\n".join([
+        f'<section class="run" id="{run_id}">',
+        f'<h3>{escape(name)} <a class="muted" href="#summary">(back to the table)</a></h3>',
+        '<div class="columns"><div>',
+        _results_lines(run, runs.read_json(run_dir / SUMMARY_FILE) or {}),
+        _settings_list(runs.read_json(run_dir / CONFIG_FILE) or {}),
+        "</div><div>",
+        _image(run_dir / CURVES_FILE, f"{name}/{CURVES_FILE}", f"curves of {name}",
+               "no curves.png"),
+        "<h4>Evaluation</h4>",
+        _evaluation(run_dir, name),
+        "</div></div>",
+        "</section>"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Pages
+
+
+def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | None = None) -> Path:
+    """Write <dataset_dir>/index.html from plot.group_runs' rows; returns its path.
+
+    index_link: link back to ../index.html; None links it when that file exists already.
+    """
+    dataset_dir = Path(dataset_dir)
+    title = f"{plot.pretty_dataset(dataset_dir.name)} results"
+    if index_link is None:
+        index_link = (dataset_dir.parent / "index.html").is_file()
+    run_ids = _run_ids(rows)
+    files = [f'<a href="{_href(file)}">{escape(file)}</a>' for file in ("summary.md", "summary.csv")
+             if (dataset_dir / file).is_file()]
+    body = ['<p><a href="../index.html">all datasets</a></p>' if index_link else "",
+            f"<h1>{escape(title)}</h1>",
+            f"<p>{sum(row['runs'] for row in rows)} runs of "
+            f"{len({row['model'] for row in rows})} models. Click a column header to sort."
+            + (f" The same table as {', '.join(files)}." if files else "") + "</p>",
+            _summary_table(rows, run_ids),
+            _summary_notes(rows),
+            _image(dataset_dir / "comparison.png", "comparison.png", "comparison of the models",
+                   "no comparison.png"),
+            "<h2>Runs</h2>"]
+    body += [run_section(dataset_dir, run, run_ids[run["run_dir"]])
+             for row in rows for run in row["members"]]
+    path = dataset_dir / "index.html"
+    write_text(path, _page(title, body, sortable=True))
+    return path
+
+
+def _summary_notes(rows: list[dict]) -> str:
+    notes = ["Several runs of one model (seeds given as <code>--tag</code>) are one row with mean "
+             "\u00b1 sample standard deviation; test acc is of best.pt, final test acc of the last "
+             "epoch's weights."]
+    if any("test" in row["validation"] for row in rows):
+        notes.append("Some runs validate on the test set (validation: test): their best valid "
+                     "accuracy was picked on it and is optimistic.")
+    return "<ul>" + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
+
+
+def _dataset_line(dataset_dir: Path) -> str:
+    """How many runs the dataset has and its best test accuracy, from its summary.csv."""
+    try:
+        with open(dataset_dir / "summary.csv", newline="", encoding="utf-8") as summary_file:
+            rows = list(csv.DictReader(summary_file))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return ""
+    run_count = sum(int(row["runs"]) for row in rows if str(row.get("runs", "")).isdigit())
+    scored = [(accuracy, row.get("model", "")) for row in rows
+              if (accuracy := _parse_float(row.get("test_acc"))) is not None]
+    line = f"{run_count} runs of {len({row.get('model') for row in rows})} models"
+    if scored:
+        accuracy, model = max(scored)
+        line += f"; best test accuracy {100 * accuracy:.2f}% ({model})"
+    return line
+
+
+def _parse_float(text: object) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def write_index(results_root: Path, dataset_dirs: list[Path]) -> Path:
+    """Write <results_root>/index.html linking each dataset's page (written before, by
+    write_dataset_page), with its comparison.png; returns its path."""
+    results_root = Path(results_root)
+    body = ["<h1>Results</h1>", "<ul>"]
+    figures = []
+    for dataset_dir in map(Path, dataset_dirs):
+        folder = Path(os.path.relpath(dataset_dir, results_root)).as_posix()
+        title = plot.pretty_dataset(dataset_dir.name)
+        page = _href(f"{folder}/index.html")
+        line = _dataset_line(dataset_dir)
+        body.append(f'<li><a href="{page}">{escape(title)}</a>'
+                    + (f": {escape(line)}" if line else "") + "</li>")
+        figures += [f'<h2><a href="{page}">{escape(title)}</a></h2>',
+                    _image(dataset_dir / "comparison.png", f"{folder}/comparison.png",
+                           f"comparison of the models on {title}", "no comparison.png")]
+    body += ["</ul>", *figures]
+    path = results_root / "index.html"
+    write_text(path, _page("Results", body))
+    return path

@@ -1,0 +1,361 @@
+"""The run folder, results/<dataset>/<model>[-<tag>]/: its file names, how each file is written and read,
+checkpoints, the rules for resuming, the saved random-number state and the log.
+
+train.py writes run folders and plot.py reads them, both through this module. Every file is written to a
+temporary file in the same folder and renamed over the old one, so a crash at any moment leaves the previous
+version whole. Importing this module must stay cheap (plot.py uses it without training): torch is imported
+only by the functions that save or load checkpoints and random-number state.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import fcntl
+import io
+import json
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+from typing import Callable, TextIO
+
+import numpy as np
+
+from errors import UsageError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+LOG_FILE = "log.txt"
+CURVES_FILE = "curves.png"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+SUMMARY_FILE = "summary.json"
+EVAL_FILE = "eval.json"
+CONFUSION_FILE = "confusion_matrix.png"
+LOCK_FILE = ".lock"  # held (flock) by the one process that trains or evaluates into the folder
+TEMP_MARK = ".tmp"  # in the names of the temporary files that writes go through
+# Files that describe a finished state of the run; a run that trains on removes them at its first new epoch.
+END_OF_RUN_FILES = (SUMMARY_FILE, EVAL_FILE, CONFUSION_FILE)
+
+# The columns of metrics.csv, in this order.
+METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+                  "epoch_seconds")
+# Flags that define what a run computes: on --resume they come from the saved run, and a different
+# value typed on the command line is refused (only --epochs may grow).
+RECIPE_FLAGS = ["batch_size", "seed", "lr", "momentum", "weight_decay", "label_smoothing",
+                "warmup_epochs", "val_size", "aug", "subset", "sync_bn"]
+
+
+class RunFileError(Exception):
+    """A run file that cannot be read as what it should be; str() is one line naming the file."""
+
+
+class WriteFailed(Exception):
+    """A run file could not be written (no space left, quota, I/O error, folder gone); the file keeps its
+    previous complete version and no temporary file is left. str() is one line naming the file and why."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        reason = error.strerror or type(error).__name__
+        super().__init__(f"cannot write {path} ({reason})")
+
+
+def run_folder(results_dir: str | Path, dataset: str, model: str, tag: str | None) -> Path:
+    return Path(results_dir) / dataset / (model if tag is None else f"{model}-{tag}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing: atomically, so a reader (or a crash mid-write) never sees half a file.
+
+
+def write_atomically(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file through a temporary one renamed over it; WriteFailed for any OSError."""
+    path = Path(path)
+    # Same folder so os.replace is a rename on one filesystem; same suffix so tools that look at the
+    # name see what the file is; opened with open() rather than mkstemp so the file gets the usual
+    # permissions (mkstemp's are owner-only) and results stay readable by the team.
+    temp_path = path.with_name(f".{path.stem}.{os.getpid()}{TEMP_MARK}{path.suffix}")
+    try:
+        with open(temp_path, "wb") as temp_file:
+            write(temp_file)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())  # on disk before the rename, so a power cut leaves one or the other
+        os.replace(temp_path, path)
+    except BaseException as err:
+        with contextlib.suppress(OSError):  # the folder itself may be gone
+            temp_path.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise WriteFailed(path, err) from None
+        raise
+
+
+def remove_file(path: Path) -> None:
+    """Delete a run file if it is there; WriteFailed when the folder refuses."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        raise WriteFailed(path, err) from None
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Temporary files a killed process left (SIGKILL gives it no chance to clean up); only called by the
+    process that holds the folder's lock, so no other process is writing them."""
+    for temp_path in run_dir.glob(f".*{TEMP_MARK}*"):
+        remove_file(temp_path)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda out: out.write(text.encode("utf-8")))
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_metrics(path: Path, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    import torch
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_metrics(path: Path) -> dict[str, np.ndarray]:
+    """Columns of a metrics.csv as float arrays; RunFileError (naming the file) if it is malformed."""
+    try:
+        with open(path, newline="") as metrics_file:
+            reader = csv.DictReader(metrics_file)
+            missing = [name for name in METRIC_COLUMNS if name not in (reader.fieldnames or [])]
+            if missing:
+                raise RunFileError(f"{path}: missing columns {', '.join(missing)}")
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise RunFileError(f"{path}: cannot be read ({err})") from None
+    if not rows:
+        raise RunFileError(f"{path}: no epochs recorded")
+    columns: dict[str, list[float]] = {name: [] for name in METRIC_COLUMNS}
+    for line_number, row in enumerate(rows, start=2):
+        for name in METRIC_COLUMNS:
+            try:
+                columns[name].append(float(row[name]))
+            except (TypeError, ValueError):
+                raise RunFileError(f"{path}: line {line_number}: {name} is not a number "
+                                   f"({row[name]!r})") from None
+    return {name: np.array(values) for name, values in columns.items()}
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object, or None when the file is absent; a broken file is reported and ignored."""
+    if not path.is_file():
+        return None
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warn(f"ignoring {path}: not valid JSON ({err})")
+        return None
+    if not isinstance(content, dict):
+        warn(f"ignoring {path}: expected a JSON object")
+        return None
+    return content
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def load_checkpoint(path: Path) -> dict:
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: truncated, not a checkpoint, wrong format
+        raise UsageError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
+                         "restore it or start over with --overwrite") from None
+
+
+def best_weights(state_dict: dict, config: dict, epoch: int, val_acc: float) -> dict:
+    """best.pt: the weights plus what evaluating them needs (model, classes, normalization)."""
+    return {"model": state_dict, "model_name": config["model"],
+            "dataset": config["dataset"], "num_classes": config["num_classes"],
+            "mean": config["mean"], "std": config["std"], "epoch": epoch,
+            "val_acc": val_acc, "classes": config["classes"]}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Starting and resuming
+
+
+def check_run_folder(run_dir: Path, args: argparse.Namespace) -> dict | None:
+    """Decide, writing nothing, whether this run may start; returns last.pt when resuming."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"cannot write {run_dir}: {existing} is a file; move it or pick another "
+                         "--results-dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {run_dir}: {existing} is not writable; pick another "
+                         "--results-dir")
+    last = run_dir / LAST_CHECKPOINT
+    has_run = last.exists() or (run_dir / METRICS_FILE).exists()
+    if has_run and not (args.resume or args.overwrite):
+        raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
+                         "--overwrite to start over (or another --tag)")
+    if args.resume and not last.exists():
+        raise UsageError(f"--resume: there is no {last} to continue; drop --resume "
+                         "to start this run")
+    if not args.resume:
+        return None
+    checkpoint = load_checkpoint(last)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
+        raise UsageError(f"{last} is not a last.pt of this project; "
+                         "start over with --overwrite")
+    return checkpoint
+
+
+def folder_state(run_dir: Path) -> tuple:
+    """What check_run_folder looked at: the size and time of last.pt and metrics.csv, or None."""
+    state = []
+    for name in (LAST_CHECKPOINT, METRICS_FILE):
+        try:
+            stat = (run_dir / name).stat()
+            state.append((stat.st_size, stat.st_mtime_ns))
+        except OSError:
+            state.append(None)
+    return tuple(state)
+
+
+def check_unchanged(run_dir: Path, checked: tuple) -> None:
+    """Refuse when another process changed the run between the checks and taking the lock."""
+    if folder_state(run_dir) != checked:
+        raise UsageError(f"{run_dir} changed while this run was starting (another process wrote to it); "
+                         "run the command again")
+
+
+def reconcile_resume(args: argparse.Namespace, saved: dict, given: set[str], dataset: str) -> None:
+    """Take the run's recipe from its last.pt; refuse a typed flag that would change it."""
+    if saved["model"] != args.model or saved["dataset"] != dataset:
+        raise UsageError(f"last.pt in this folder is a {saved['dataset']} {saved['model']} run, not "
+                         f"{dataset} {args.model}; pick the matching --model or --overwrite")
+    for name in RECIPE_FLAGS:
+        flag = "--" + name.replace("_", "-")
+        if name in given and getattr(args, name) != saved[name]:
+            raise UsageError(f"--resume cannot change {flag} (the run used {saved[name]}, got "
+                             f"{getattr(args, name)}); drop the flag or start over with --overwrite")
+        setattr(args, name, saved[name])
+    if args.epochs < saved["epochs"] and "epochs" in given:
+        raise UsageError(f"--resume can raise --epochs but not lower it (the run has "
+                         f"{saved['epochs']}); drop the flag or start over with --overwrite")
+    if "epochs" not in given:
+        args.epochs = saved["epochs"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process per folder: an exclusive flock on its lock file, which the OS releases when the process
+# ends in any way (so a lock is never stale).
+
+
+def _holder(lock_path: Path) -> str:
+    with contextlib.suppress(OSError):
+        holder = lock_path.read_text().strip()
+        if holder:
+            return holder
+    return "another process"
+
+
+def _in_use(run_dir: Path, lock_path: Path) -> UsageError:
+    return UsageError(f"{run_dir} is in use by {_holder(lock_path)}; wait for it to finish, or pass "
+                      "another --tag or --results-dir")
+
+
+def refuse_if_in_use(run_dir: Path) -> None:
+    """Fail at once, writing nothing, if another process holds the folder's lock."""
+    lock_path = run_dir / LOCK_FILE
+    try:
+        handle = open(lock_path, "rb")
+    except OSError:
+        return  # no lock file: nobody has ever locked the folder, or it cannot be read anyway
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(run_dir, lock_path) from None
+        except OSError:
+            return
+        fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def lock_run_folder(run_dir: Path) -> TextIO:
+    """Create the folder if needed and take its lock for as long as the returned file stays open (until
+    the process ends); UsageError if another process holds it."""
+    lock_path = run_dir / LOCK_FILE
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a+")
+    except OSError as err:
+        raise UsageError(f"cannot create {run_dir} ({err.strerror}); pick another "
+                         "--results-dir") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise _in_use(run_dir, lock_path) from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+    except OSError as err:
+        handle.close()
+        raise WriteFailed(lock_path, err) from None
+    return handle
+
+
+# ---------------------------------------------------------------------------------------------------
+# Random-number state and the log
+
+
+def get_rng_state() -> dict:
+    import torch
+    _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [numpy_keys.tolist(), numpy_pos, numpy_has_gauss, numpy_gauss],
+             "python": [python_version, list(python_internal), python_gauss]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    # Batches draw from their own (seed, epoch) generator; these only matter to code that uses the
+    # global generators (dropout, say), restored so that a resumed run behaves like an unbroken one.
+    import torch
+    torch.set_rng_state(state["torch"])
+    numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = state["numpy"]
+    np.random.set_state(("MT19937", np.array(numpy_keys, dtype=np.uint32), numpy_pos,
+                         numpy_has_gauss, numpy_gauss))
+    python_version, python_internal, python_gauss = state["python"]
+    random.setstate((python_version, tuple(python_internal), python_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def make_logger(master: bool, run_dir: Path, log_lines: list[str]) -> Callable[[str], None]:
+    """say(line): print it and rewrite log.txt with every line so far (rank 0 only)."""
+    def say(line: str) -> None:
+        if not master:
+            return
+        print(line, flush=True)
+        log_lines.append(line)
+        write_text(run_dir / LOG_FILE, "\n".join(log_lines) + "\n")
+    return say

@@ -1,0 +1,204 @@
+"""batches.py: channel statistics, the validation split, and the training and evaluation batches made on the
+device (every image once per epoch over all ranks, crops, flips, cutout, normalization, and the same batches
+after a resume and on any device)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batches import EvalBatches, TrainBatches, channel_stats, split_validation
+
+# -- statistics and the validation split --------------------------------------------------------------------
+
+def test_channel_stats_are_the_per_channel_mean_and_std_as_fractions():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    images[:, 1] //= 2  # channels with different statistics
+    mean, std = channel_stats(images)
+    pixels = images.double().div(255).transpose(0, 1).reshape(3, -1)
+    assert mean == pytest.approx(pixels.mean(1).tolist(), abs=1e-12)
+    assert std == pytest.approx(pixels.std(1, unbiased=False).tolist(), abs=1e-12)
+
+
+def test_validation_split_is_balanced_disjoint_sorted_and_fixed_by_the_seed():
+    labels = torch.arange(300) % 10
+    labels = labels[torch.randperm(300, generator=torch.Generator().manual_seed(1))]
+    train_indices, val_indices = split_validation(labels, 25, seed=0)
+    per_class = torch.bincount(labels[val_indices], minlength=10)
+    assert len(val_indices) == 25 and per_class.max() - per_class.min() <= 1
+    assert torch.equal(torch.sort(torch.cat([train_indices, val_indices])).values, torch.arange(300))
+    assert torch.equal(val_indices, torch.sort(val_indices).values)
+    assert torch.equal(train_indices, torch.sort(train_indices).values)
+    assert torch.equal(split_validation(labels, 25, seed=0)[1], val_indices)
+    assert not torch.equal(split_validation(labels, 25, seed=1)[1], val_indices)
+
+
+def test_validation_split_gives_small_classes_all_they_have_and_the_rest_to_the_others():
+    labels = torch.tensor([0] + [1] * 50 + [2] * 50)
+    _, val_indices = split_validation(labels, 30, seed=0)
+    assert sorted(torch.bincount(labels[val_indices]).tolist()) == [1, 14, 15]
+
+
+def test_validation_size_out_of_range_is_a_value_error():
+    labels = torch.arange(10) % 2
+    train_indices, val_indices = split_validation(labels, 0, seed=0)
+    assert torch.equal(train_indices, torch.arange(10)) and len(val_indices) == 0
+    for val_size in (-1, 10):
+        with pytest.raises(ValueError):
+            split_validation(labels, val_size, seed=0)
+
+
+# -- batches ------------------------------------------------------------------------------------------------
+
+RAW = ((0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255))  # mean and std that leave pixel values as they are
+
+
+def numbered_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random images and labels that are their own index, so every output names its source."""
+    images = torch.randint(0, 256, (count, 3, 32, 32), generator=torch.Generator().manual_seed(count),
+                           dtype=torch.uint8)
+    return images, torch.arange(count)
+
+
+@pytest.mark.parametrize("count, batch_size, world_size", [(103, 10, 1), (103, 10, 2), (101, 10, 2), (7, 4, 3)])
+def test_a_training_epoch_covers_every_image_once_over_all_ranks(count, batch_size, world_size):
+    images, labels = numbered_images(count)
+    seen, steps = [], set()
+    for rank in range(world_size):
+        batches = TrainBatches(images, labels, batch_size, *RAW, aug="none", seed=3, rank=rank,
+                               world_size=world_size)
+        batches.set_epoch(2)
+        rank_batches = list(batches)
+        assert len(rank_batches) == len(batches)
+        steps.add(len(batches))
+        for inputs, ids in rank_batches:
+            assert 0 < len(ids) <= batch_size // world_size + 1
+            assert torch.allclose(inputs, images[ids].float(), atol=1e-3)  # each label stays with its image
+            seen.append(ids)
+    assert len(steps) == 1  # the same number of steps on every rank, or DDP would hang
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(count))
+
+
+def candidates(image: torch.Tensor) -> torch.Tensor:
+    """All 9 x 9 crops of the 4-pixel zero-padded image, each also mirrored: 162 x 3 x 32 x 32."""
+    padded = F.pad(image, (4, 4, 4, 4))
+    crops = [padded[:, y:y + 32, x:x + 32] for y in range(9) for x in range(9)]
+    return torch.stack(crops + [crop.flip(-1) for crop in crops]).float()
+
+
+def test_crops_move_content_at_most_4_pixels_and_flips_mirror_it():
+    images, labels = numbered_images(24)
+    batches = TrainBatches(images, labels, 8, *RAW, aug="flip-crop", seed=0)
+    cases = set()
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        for inputs, ids in batches:
+            for output, image_id in zip(inputs, ids):
+                distances = (candidates(images[image_id]) - output).abs().amax(dim=(1, 2, 3))
+                assert distances.min() < 1e-3, "output is no 4-pixel crop of its image, mirrored or not"
+                cases.add(int(distances.argmin()))
+    assert len(cases) > 20  # offsets vary
+    assert min(cases) < 81 <= max(cases)  # both mirrored and not
+
+
+def test_cutout_zeroes_one_square_of_up_to_16_pixels_to_the_mean():
+    images, labels = numbered_images(40)
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # no pixel and no padding normalizes to exactly 0
+    batches = TrainBatches(images, labels, 10, mean, std, aug="flip-crop-cutout", seed=0)
+    sides = set()
+    for inputs, _ in batches:
+        for output in inputs:
+            zero = output == 0
+            assert torch.equal(zero[0], zero[1]) and torch.equal(zero[0], zero[2])
+            rows, cols = torch.nonzero(zero[0].any(1)).flatten(), torch.nonzero(zero[0].any(0)).flatten()
+            height, width = len(rows), len(cols)
+            assert 8 <= height <= 16 and 8 <= width <= 16
+            assert int(zero[0].sum()) == height * width  # one filled rectangle...
+            assert rows[-1] - rows[0] + 1 == height and cols[-1] - cols[0] + 1 == width
+            assert height == 16 or rows[0] == 0 or rows[-1] == 31  # ...smaller only where a border clips it
+            assert width == 16 or cols[0] == 0 or cols[-1] == 31
+            sides.add((height, width))
+    assert len(sides) > 1
+
+
+def test_normalized_batches_have_zero_mean_and_unit_std_per_channel():
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (60, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    images[:, 0] //= 3
+    mean, std = channel_stats(images)
+    for batches in (TrainBatches(images, torch.zeros(60, dtype=torch.int64), 16, mean, std, aug="none"),
+                    EvalBatches(images, torch.zeros(60, dtype=torch.int64), 16, mean, std)):
+        inputs = torch.cat([inputs for inputs, _ in batches]).transpose(0, 1).reshape(3, -1).double()
+        assert inputs.mean(1).tolist() == pytest.approx([0, 0, 0], abs=1e-5)
+        assert inputs.std(1, unbiased=False).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
+
+
+@pytest.mark.parametrize("aug", ["none", "flip-crop", "flip-crop-cutout"])
+def test_same_seed_and_epoch_give_the_same_batches_even_after_a_resume(aug):
+    images, labels = numbered_images(30)
+
+    def epoch_batches(seed: int, epoch: int, epochs_before: int = 0) -> list:
+        batches = TrainBatches(images, labels, 8, *RAW, aug=aug, seed=seed)
+        for earlier in range(epochs_before):
+            batches.set_epoch(earlier)
+            list(batches)
+        batches.set_epoch(epoch)
+        return list(batches)
+
+    def same(first: list, second: list) -> bool:
+        return all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(first, second))
+
+    reference = epoch_batches(seed=5, epoch=3)
+    assert same(reference, epoch_batches(seed=5, epoch=3, epochs_before=3))
+    assert not same(reference, epoch_batches(seed=5, epoch=4))
+    assert not same(reference, epoch_batches(seed=6, epoch=3))
+
+
+def test_eval_batches_come_in_order_and_ranks_share_them():
+    images, labels = numbered_images(53)
+    batches = EvalBatches(images, labels, 10, *RAW)
+    outputs = list(batches)
+    assert len(batches) == len(outputs) == 6
+    assert torch.equal(torch.cat([ids for _, ids in outputs]), labels)
+    assert torch.allclose(torch.cat([inputs for inputs, _ in outputs]), images.float(), atol=1e-3)
+    shared = [ids for rank in range(2) for _, ids in EvalBatches(images, labels, 10, *RAW, rank=rank, world_size=2)]
+    assert torch.equal(torch.sort(torch.cat(shared)).values, labels)
+
+
+def test_channels_last_changes_the_layout_not_the_values():
+    images, labels = numbered_images(12)
+    plain = next(iter(TrainBatches(images, labels, 12, *RAW, seed=1)))[0]
+    reordered = next(iter(TrainBatches(images, labels, 12, *RAW, seed=1, channels_last=True)))[0]
+    assert reordered.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, reordered)
+    evaluated = next(iter(EvalBatches(images, labels, 12, *RAW, channels_last=True)))[0]
+    assert evaluated.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_starting_a_second_iteration_stops_the_first_loudly():
+    images, labels = numbered_images(20)
+    batches = TrainBatches(images, labels, 5, *RAW)
+    first = iter(batches)
+    next(first)
+    next(iter(batches))
+    with pytest.raises(RuntimeError, match="iterate one at a time"):
+        next(first)
+
+
+def test_bad_batch_arguments_are_value_errors():
+    images, labels = numbered_images(10)
+    with pytest.raises(ValueError, match="flip-crop"):
+        TrainBatches(images, labels, 4, *RAW, aug="mixup")
+    with pytest.raises(ValueError):
+        TrainBatches(images, labels, 2, *RAW, rank=0, world_size=4)
+    with pytest.raises(ValueError):
+        EvalBatches(images.float(), labels, 4, *RAW)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_are_the_same_on_cpu_and_cuda():
+    images, labels = numbered_images(40)
+    for aug in ("flip-crop", "flip-crop-cutout"):
+        on_cpu = list(TrainBatches(images, labels, 16, *RAW, aug=aug, seed=2))
+        on_cuda = list(TrainBatches(images, labels, 16, *RAW, aug=aug, seed=2, device="cuda"))
+        for (cpu_inputs, cpu_ids), (cuda_inputs, cuda_ids) in zip(on_cpu, on_cuda):
+            assert cuda_inputs.is_cuda and torch.equal(cpu_ids, cuda_ids.cpu())
+            assert torch.allclose(cpu_inputs, cuda_inputs.cpu(), atol=1e-5)

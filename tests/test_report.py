@@ -1,0 +1,204 @@
+"""report.py: the HTML pages a user opens from the file system or zips and sends."""
+import base64
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+import plot
+import report
+
+METRICS_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,epoch_seconds"
+# A 1x1 PNG: the pages only link images, so any valid one will do.
+TINY_PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9Q"
+                            "DwADhgGAWjR9awAAAABJRU5ErkJggg==")
+EVIL_TAG = "<script>alert(1)</script>"
+EVIL_CLASS = "<img src=x onerror=alert(1)>"
+
+
+class Page(HTMLParser):
+    """What a browser would see of a page: links, images, ids, table rows, scripts and text."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.links, self.images, self.ids, self.scripts, self.text = [], [], set(), [], []
+        self.rows: list[list[str]] = []
+        self._in_body, self._in_script, self._cell = False, False, None
+        self.feed(path.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
+        if tag == "a":
+            self.links.append(attrs["href"])
+        elif tag == "img":
+            self.images.append(attrs["src"])
+        elif tag == "script":
+            self._in_script = True
+            self.scripts.append("")
+        elif tag == "tbody":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body:
+            self._cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "script":
+            self._in_script = False
+        elif tag == "tbody":
+            self._in_body = False
+        elif tag == "td" and self._cell is not None:
+            self.rows[-1].append(self._cell)
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts[-1] += data
+            return
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell += data
+
+
+def make_run(dataset_dir: Path, model: str, tag: str | None, *, seed: int = 0, epochs: int = 3,
+             finished: bool = True, config_tag: str | None = None) -> Path:
+    """A run folder as train.py leaves it: metrics.csv, config.json, curves.png, summary.json."""
+    run_dir = dataset_dir / (model if tag is None else f"{model}-{tag}")
+    run_dir.mkdir(parents=True)
+    lines = [METRICS_HEADER] + [
+        f"{epoch},0.1,{2 / epoch:.4f},{0.3 + 0.1 * epoch + 0.01 * seed:.4f},{2.2 / epoch:.4f},"
+        f"{0.25 + 0.1 * epoch + 0.02 * seed:.4f},{0.7 + 0.05 * epoch:.4f},1.5"
+        for epoch in range(1, epochs + 1)]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+    config = {"model": model, "tag": config_tag or tag, "epochs": epochs, "batch_size": 128,
+              "lr": 0.05, "aug": "flip-crop", "seed": seed, "val_size": 0, "validation": "test",
+              "device": "cpu", "amp": "off", "parameters": 62006, "flops": 1303440}
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "curves.png").write_bytes(TINY_PNG)
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({
+            "epochs": epochs, "best_epoch": epochs, "test_acc": 0.5 + 0.01 * seed,
+            "final_test_acc": 0.49 + 0.01 * seed}))
+    return run_dir
+
+
+def evaluate(run_dir: Path, class_names: list[str]) -> None:
+    """What --eval-only leaves beside best.pt."""
+    (run_dir / "eval.json").write_text(json.dumps({
+        "top1": 0.6123, "top5": 0.9456, "tta": True, "checkpoint_epoch": 3, "images": 10000,
+        "per_class": {name: 0.5 for name in class_names}}))
+    (run_dir / "confusion_matrix.png").write_bytes(TINY_PNG)
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """Two datasets; CIFAR-10 has seeds of one model, an evaluated run with a crafted class name,
+    a run whose config.json carries a crafted tag, a folder name that needs quoting in a link, and
+    an unfinished run with a broken config.json."""
+    cifar10 = tmp_path / "results" / "cifar10"
+    make_run(cifar10, "cnn_base", "s0", seed=0)
+    make_run(cifar10, "cnn_base", "s1", seed=1)
+    evaluate(make_run(cifar10, "cnn_resnet18", None), ["airplane", EVIL_CLASS, "bird"])
+    make_run(cifar10, "cnn_resnet34", "evil", config_tag=EVIL_TAG)
+    make_run(cifar10, "cnn_densenet121", "a b#1", seed=2)
+    unfinished = make_run(cifar10, "cnn_se_resnet18", "wip", epochs=2, finished=False)
+    (unfinished / "config.json").write_text('{"model": "cnn_se_resnet18", "epochs": ')
+    make_run(tmp_path / "results" / "cifar100", "cnn_base", None)
+    return tmp_path / "results"
+
+
+def write_pages(results: Path) -> dict[Path, list[dict]]:
+    """What plot.py results does with the report: the summary files, then the pages."""
+    names = plot.known_model_names()
+    rows_by_dataset = {}
+    for dataset_dir in sorted(results.iterdir()):
+        runs = [plot.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())]
+        rows = plot.group_runs(runs, names)
+        (dataset_dir / "summary.md").write_text(plot.summary_markdown(dataset_dir.name, rows))
+        (dataset_dir / "comparison.png").write_bytes(TINY_PNG)
+        assert report.write_dataset_page(dataset_dir, rows, index_link=True) == \
+            dataset_dir / "index.html"
+        rows_by_dataset[dataset_dir] = rows
+    assert report.write_index(results, list(rows_by_dataset)) == results / "index.html"
+    return rows_by_dataset
+
+
+def assert_links_resolve(page_path: Path, page: Page) -> None:
+    """Every link and image is relative and lands on a file that exists, or on an id of the page."""
+    for target in page.links + page.images:
+        parts = urlsplit(target)
+        assert not parts.scheme and not parts.netloc and not parts.path.startswith("/"), target
+        if parts.path:
+            assert (page_path.parent / unquote(parts.path)).is_file(), target
+        else:
+            assert parts.fragment in page.ids, target
+
+
+def summary_md_rows(dataset_dir: Path) -> list[list[str]]:
+    table = [line for line in (dataset_dir / "summary.md").read_text().splitlines()
+             if line.startswith("| ")][1:]  # the first is the header
+    return [line[2:-2].split(" | ") for line in table]
+
+
+def test_dataset_page_shows_the_summary_table_and_every_run(results):
+    rows_by_dataset = write_pages(results)
+    cifar10 = results / "cifar10"
+    page = Page(cifar10 / "index.html")
+    assert page.rows[:len(rows_by_dataset[cifar10])] == summary_md_rows(cifar10)
+    text = " ".join(page.text)
+    for run_dir in (path for path in cifar10.iterdir() if path.is_dir()):
+        assert run_dir.name in text
+        assert f"{run_dir.name}/curves.png" in map(unquote, page.images)
+    assert_links_resolve(cifar10 / "index.html", page)
+    assert "comparison.png" in page.images and "../index.html" in page.links
+    # The evaluated run shows its matrix and figures; the others say they were not evaluated.
+    assert "cnn_resnet18/confusion_matrix.png" in page.images
+    assert "top-1 61.23%, top-5 94.56%, mirror TTA on" in text
+    assert text.count("not evaluated") == 5
+    assert "batch_size" in text and "flip-crop" in text  # settings from config.json
+
+
+def test_data_from_the_run_files_cannot_inject_markup(results):
+    write_pages(results)
+    html_text = (results / "cifar10" / "index.html").read_text()
+    page = Page(results / "cifar10" / "index.html")
+    assert page.scripts == [report.SORT_SCRIPT]  # the sorting script and nothing else
+    assert EVIL_CLASS not in html_text and "<script>alert" not in html_text
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html_text
+    text = "".join(page.text)
+    assert EVIL_TAG in text and EVIL_CLASS in text  # shown as text
+    assert "http://" not in html_text and "https://" not in html_text  # nothing fetched
+
+
+def test_index_links_each_dataset_page(results):
+    write_pages(results)
+    index = Page(results / "index.html")
+    assert "cifar10/index.html" in index.links and "cifar100/index.html" in index.links
+    assert_links_resolve(results / "index.html", index)
+    assert "CIFAR-100" in " ".join(index.text)
+
+
+def test_page_without_optional_files_links_nothing_missing(tmp_path):
+    dataset_dir = tmp_path / "cifar10"
+    run_dir = make_run(dataset_dir, "cnn_base", None, finished=False)
+    (run_dir / "curves.png").unlink()
+    names = plot.known_model_names()
+    rows = plot.group_runs([plot.read_run(run_dir, names)], names)
+    page_path = report.write_dataset_page(dataset_dir, rows)
+    page = Page(page_path)
+    assert page.images == [] and "../index.html" not in page.links  # no results/index.html yet
+    assert_links_resolve(page_path, page)
+    assert "no curves.png" in " ".join(page.text)
+
+
+def test_plot_py_on_the_results_root_writes_every_page(results, capsys):
+    assert plot.main([str(results)]) == 0
+    pages = [results / "index.html", results / "cifar10" / "index.html",
+             results / "cifar100" / "index.html"]
+    for page_path in pages:
+        assert_links_resolve(page_path, Page(page_path))
+    assert str(results / "index.html") in capsys.readouterr().out
