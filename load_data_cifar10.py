@@ -7,7 +7,6 @@ from pathlib import Path
 
 from cifar import CifarData, CifarSpec, load_cifar
 
-DATASET_NAME = "cifar10"
 NUM_CLASSES = 10
 
 CIFAR10 = CifarSpec(

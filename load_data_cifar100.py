@@ -8,7 +8,6 @@ from pathlib import Path
 
 from cifar import CifarData, CifarSpec, load_cifar
 
-DATASET_NAME = "cifar100"
 NUM_CLASSES = 100
 NUM_COARSE_CLASSES = 20
 

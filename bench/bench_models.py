@@ -56,6 +56,7 @@ COMPILE_VARIANT = "bf16+channels_last+compile"
 # (batch size, warm-up steps, timed steps) by device type: on CPU only enough to rank the models.
 DEFAULT_STEPS = {"cuda": (256, 10, 30), "cpu": (32, 3, 5)}
 DEFAULT_VARIANTS = {"cuda": ["fp32", "bf16+channels_last"], "cpu": ["fp32"]}
+NAME_WIDTH = max(len(name) for name in MODELS)  # the model column fits every name
 
 
 # -- peak memory -----------------------------------------------------------------------------------------------------
@@ -183,7 +184,7 @@ def format_memory(size: int | None) -> str:
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['model']:18s} {row['parameters']:>11,} {row['gflops']:7.3g} {row['variant']:27s} "
+    print(f"{row['model']:{NAME_WIDTH}s} {row['parameters']:>11,} {row['gflops']:7.3g} {row['variant']:27s} "
           f"{row['train_images_per_second']:>11.1f} {row['eval_images_per_second']:>10.1f} "
           f"{format_memory(row['peak_memory_bytes']):>12s}", flush=True)
 
@@ -203,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth, rough"
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps each of training and "
           f"evaluation, random inputs; GFLOPs: forward, one 32x32 image; peak memory: training, {memory}")
-    print(f"{'model':18s} {'params':>11s} {'GFLOPs':>7s} {'variant':27s} {'train img/s':>11s} {'eval img/s':>10s} "
+    print(f"{'model':{NAME_WIDTH}s} {'params':>11s} {'GFLOPs':>7s} {'variant':27s} {'train img/s':>11s} {'eval img/s':>10s} "
           f"{'peak memory':>12s}")
     rows = []
     for name in names:
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 result = measure(name, VARIANTS[variant], args, device)
             except torch.cuda.OutOfMemoryError:
-                print(f"{name:18s} {variant}: out of memory at batch {args.batch_size}; try a smaller --batch-size",
+                print(f"{name:{NAME_WIDTH}s} {variant}: out of memory at batch {args.batch_size}; try a smaller --batch-size",
                       flush=True)
                 continue
             rows.append({"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result})

@@ -1,4 +1,5 @@
 """The model zoo: every network the training scripts can build, by its ``--model`` flag name."""
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -7,35 +8,102 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model.base_cnn import base_cnn
 from model.densenet import densenet121, densenet169, densenet201, densenet264
+from model.res2net import res2net50, res2next29_6c24w4s
 from model.resnet import (
+    ca_resnet18, ca_resnet50, nl_resnet18, nl_resnet50,
     resnet18, resnet34, resnet50, resnet101, resnet152,
     se_resnet18, se_resnet34, se_resnet50, se_resnet101, se_resnet152,
 )
+from model.resnext import resnext29_8x64d, resnext29_16x64d, resnext29_32x4d
+from model.scnet import scnet50, scnet101
+from model.sknet import sknet29
+from model.vgg import vgg11, vgg13, vgg16, vgg19
 
-# In README order; each factory takes the number of classes.
-MODELS: dict[str, Callable[[int], nn.Module]] = {
-    "cnn_base": base_cnn,
-    "cnn_resnet18": resnet18,
-    "cnn_resnet34": resnet34,
-    "cnn_resnet50": resnet50,
-    "cnn_resnet101": resnet101,
-    "cnn_resnet152": resnet152,
-    "cnn_densenet121": densenet121,
-    "cnn_densenet169": densenet169,
-    "cnn_densenet201": densenet201,
-    "cnn_densenet264": densenet264,
-    "cnn_se_resnet18": se_resnet18,
-    "cnn_se_resnet34": se_resnet34,
-    "cnn_se_resnet50": se_resnet50,
-    "cnn_se_resnet101": se_resnet101,
-    "cnn_se_resnet152": se_resnet152,
+
+DEFAULT_LR = 0.1  # the peak learning rate of every model that does not set its own
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One entry of the zoo: how to build it, the family it belongs to, and its default peak
+    learning rate (--lr when the flag is not given)."""
+
+    build: Callable[[int], nn.Module]
+    family: str
+    lr: float = DEFAULT_LR
+
+
+# Every family, in listing order, with the matplotlib colour map its models are drawn in.
+FAMILIES: dict[str, str] = {
+    "base": "Greys",
+    "resnet": "Blues",
+    "densenet": "Greens",
+    "se_resnet": "Oranges",
+    "vgg": "Purples",
+    "resnext": "Reds",
+    "sknet": "YlOrBr",
+    "res2net": "PuRd",
+    "scnet": "BuGn",
+    "ca_resnet": "RdPu",
+    "nl_resnet": "GnBu",
 }
+
+# The course's 15 first, in the course report's order; each factory takes the number of classes.
+MODELS: dict[str, ModelSpec] = {
+    # BaseCNN has no BatchNorm and diverges or trains poorly at 0.1.
+    "cnn_base": ModelSpec(base_cnn, "base", lr=0.05),
+    "cnn_resnet18": ModelSpec(resnet18, "resnet"),
+    "cnn_resnet34": ModelSpec(resnet34, "resnet"),
+    "cnn_resnet50": ModelSpec(resnet50, "resnet"),
+    "cnn_resnet101": ModelSpec(resnet101, "resnet"),
+    "cnn_resnet152": ModelSpec(resnet152, "resnet"),
+    "cnn_densenet121": ModelSpec(densenet121, "densenet"),
+    "cnn_densenet169": ModelSpec(densenet169, "densenet"),
+    "cnn_densenet201": ModelSpec(densenet201, "densenet"),
+    "cnn_densenet264": ModelSpec(densenet264, "densenet"),
+    "cnn_se_resnet18": ModelSpec(se_resnet18, "se_resnet"),
+    "cnn_se_resnet34": ModelSpec(se_resnet34, "se_resnet"),
+    "cnn_se_resnet50": ModelSpec(se_resnet50, "se_resnet"),
+    "cnn_se_resnet101": ModelSpec(se_resnet101, "se_resnet"),
+    "cnn_se_resnet152": ModelSpec(se_resnet152, "se_resnet"),
+    # The rest of the networks the course report names.
+    "cnn_vgg11": ModelSpec(vgg11, "vgg"),
+    "cnn_vgg13": ModelSpec(vgg13, "vgg"),
+    "cnn_vgg16": ModelSpec(vgg16, "vgg"),
+    "cnn_vgg19": ModelSpec(vgg19, "vgg"),
+    "cnn_resnext29_8x64d": ModelSpec(resnext29_8x64d, "resnext"),
+    "cnn_resnext29_16x64d": ModelSpec(resnext29_16x64d, "resnext"),
+    "cnn_resnext29_32x4d": ModelSpec(resnext29_32x4d, "resnext"),
+    "cnn_sknet29": ModelSpec(sknet29, "sknet"),
+    "cnn_res2next29_6c24w4s": ModelSpec(res2next29_6c24w4s, "res2net"),
+    "cnn_res2net50": ModelSpec(res2net50, "res2net"),
+    "cnn_scnet50": ModelSpec(scnet50, "scnet"),
+    "cnn_scnet101": ModelSpec(scnet101, "scnet"),
+    "cnn_ca_resnet18": ModelSpec(ca_resnet18, "ca_resnet"),
+    "cnn_ca_resnet50": ModelSpec(ca_resnet50, "ca_resnet"),
+    "cnn_nl_resnet18": ModelSpec(nl_resnet18, "nl_resnet"),
+    "cnn_nl_resnet50": ModelSpec(nl_resnet50, "nl_resnet"),
+}
+# The 15 networks the course trained, for sweeps that keep to them (--list-models course).
+COURSE_MODELS: tuple[str, ...] = tuple(MODELS)[:15]
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    return MODELS[name](num_classes)
+    return MODELS[name].build(num_classes)
+
+
+def models_in(selection: str) -> list[str]:
+    """Model names of a --list-models selection: "all", "course" (the course's 15) or a family."""
+    if selection == "all":
+        return list(MODELS)
+    if selection == "course":
+        return list(COURSE_MODELS)
+    if selection in FAMILIES:
+        return [name for name, spec in MODELS.items() if spec.family == selection]
+    raise ValueError(f"unknown selection {selection!r}; choose all, course or a family: "
+                     f"{', '.join(FAMILIES)}")
 
 
 def count_parameters(net: nn.Module) -> int:
