@@ -19,7 +19,7 @@ import random
 import socket
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import BinaryIO, Callable
 
 import numpy as np
 
@@ -123,7 +123,11 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     import torch
-    write_atomically(path, lambda f: torch.save(state, f))
+    # Serialized in memory first: torch.save streaming into the file turns the OSError of a full disk
+    # into a RuntimeError ("unexpected pos"), which would end the run in a traceback, not one line.
+    serialized = io.BytesIO()
+    torch.save(state, serialized)
+    write_atomically(path, lambda out: out.write(serialized.getbuffer()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,9 +269,11 @@ def reconcile_resume(args: argparse.Namespace, saved: dict, given: set[str], dat
 
 
 def _holder(lock_path: Path) -> str:
+    """The "process <pid> on <host>" line the holder wrote; its first 200 bytes only, whatever the file."""
     with contextlib.suppress(OSError):
-        holder = lock_path.read_text().strip()
-        if holder:
+        with open(lock_path, "rb") as lock_file:
+            holder = lock_file.read(200).decode("utf-8", "replace").split("\n")[0].strip()
+        if holder and holder.isprintable():
             return holder
     return "another process"
 
@@ -294,13 +300,13 @@ def refuse_if_in_use(run_dir: Path) -> None:
         fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def lock_run_folder(run_dir: Path) -> TextIO:
+def lock_run_folder(run_dir: Path) -> BinaryIO:
     """Create the folder if needed and take its lock for as long as the returned file stays open (until
     the process ends); UsageError if another process holds it."""
     lock_path = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_path, "a+")
+        handle = open(lock_path, "a+b", buffering=0)  # unbuffered: close() has nothing left to flush
     except OSError as err:
         raise UsageError(f"cannot create {run_dir} ({err.strerror}); pick another "
                          "--results-dir") from None
@@ -309,14 +315,14 @@ def lock_run_folder(run_dir: Path) -> TextIO:
     except BlockingIOError:
         handle.close()
         raise _in_use(run_dir, lock_path) from None
-    try:
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-    except OSError as err:
-        handle.close()
-        raise WriteFailed(lock_path, err) from None
+    except OSError as err:  # a file system without locks (some network ones): run, but say so
+        warn(f"cannot lock {lock_path} ({err.strerror}); make sure no other process uses {run_dir}")
+        return handle
+    # The holder's name is only what a refused process prints; the flock is the lock. So a full disk
+    # here is no reason to stop: the run's next write reports it, saying what is kept.
+    with contextlib.suppress(OSError):
+        handle.truncate(0)
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}\n".encode())
     return handle
 
 

@@ -61,6 +61,13 @@ TAG_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
 class OneLineParser(argparse.ArgumentParser):
     """argparse whose errors are one line (exit 2), not the whole usage block."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # argparse takes "-1e-4" and "-inf" for flags (only "-5" and "-0.5" for negative numbers), so
+        # the error would be "expected one argument" instead of quoting the bad value.
+        self._negative_number_matcher = re.compile(
+            r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
+
     def error(self, message: str):
         self.exit(USAGE_EXIT, f"error: {message} (see --help)\n")
 
@@ -707,10 +714,15 @@ def finish(args, dataset: str, procs: Processes, data: Data, training: Training,
         "validation": data.validation, "total_seconds": round(sum(seconds), 3),
         "seconds_per_epoch": round(sum(seconds) / len(seconds), 3)}
     runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
-    plot.plot_curves(run_dir)  # once more, now that the title can carry the test accuracy
-    say(f"Test accuracy: {summary['final_test_acc']:.4f} (final weights), "
-        f"{summary['test_acc']:.4f} (best.pt, epoch {best['epoch']})")
-    say("Model Saved")
+    try:
+        plot.plot_curves(run_dir)  # once more, now that the title can carry the test accuracy
+        say(f"Test accuracy: {summary['final_test_acc']:.4f} (final weights), "
+            f"{summary['test_acc']:.4f} (best.pt, epoch {best['epoch']})")
+        say("Model Saved")
+    except runs.WriteFailed:
+        # summary.json marks a finished run; without it, the --resume the error asks for finishes it again
+        runs.remove_file(run_dir / runs.SUMMARY_FILE)
+        raise
 
 
 @torch.no_grad()

@@ -1,0 +1,348 @@
+"""Faults while a run writes its folder: a second process on the same folder, a full disk at each write, a
+kill in the middle of saving a checkpoint. Nothing is lost: every file left is complete, the one-line error
+says what is kept and how to go on, and going on gives the numbers of a run that never broke."""
+import errno
+import functools
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import runs
+import train
+from conftest import REPO_ROOT
+from errors import UsageError
+from test_train import assert_one_line_error, read_metrics, tiny_args
+
+NO_SPACE = "No space left on device"
+
+
+def fault_args(data_dir, results_dir, *extra) -> list[str]:
+    """Two epochs of four steps, bit-identical across runs, resumes and processes."""
+    return tiny_args(data_dir, results_dir, "--deterministic", "--device", "cpu", *extra)
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if key != "epoch_seconds"} for row in rows]
+
+
+def as_read(history: list[dict]) -> list[dict]:
+    """last.pt's history as read back from metrics.csv: every value a string."""
+    return [{key: str(value) for key, value in row.items()} for row in history]
+
+
+def temp_files(run_dir: Path) -> list[str]:
+    return sorted(path.name for path in run_dir.iterdir() if runs.TEMP_MARK in path.name)
+
+
+def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"the process ended (exit {process.returncode}) before it got there"
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def keep_global_torch_settings():
+    """--deterministic in-process switches torch to deterministic algorithms and sets cuBLAS's workspace;
+    put both back for the other modules."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+        yield
+    torch.use_deterministic_algorithms(enabled)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def read_the_dataset_once():
+    """The in-process runs here test writing, not reading: they share one read of the 60,000 images."""
+    load, spec = train.DATASETS["cifar10"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(train.DATASETS, "cifar10", (functools.lru_cache(maxsize=1)(load), spec))
+        yield
+
+
+@pytest.fixture(scope="module")
+def reference(cifar10_dir, tmp_path_factory) -> Path:
+    """The unbroken run every broken-then-continued run must match."""
+    results = tmp_path_factory.mktemp("reference")
+    assert train.main("cifar10", fault_args(cifar10_dir, results)) == 0
+    return results / "cifar10" / "cnn_base"
+
+
+def summary_without_time(run_dir: Path) -> dict:
+    summary = json.loads((run_dir / runs.SUMMARY_FILE).read_text())
+    return {key: value for key, value in summary.items() if "seconds" not in key}
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process per folder
+
+
+def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir, tmp_path):
+    args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # stopped with Ctrl-C once checked
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    with open(tmp_path / "first.err", "w") as first_err:  # on one core, leaving the others to the checks
+        first = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 stdout=subprocess.DEVNULL, stderr=first_err)
+    try:
+        log = run_dir / runs.LOG_FILE
+        wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
+        names_before = {path.name for path in run_dir.iterdir()}
+
+        # The same command, --eval-only and plot.py, together while the first trains.
+        def start(*command):
+            return subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+        second = start("main_cifar10.py", *args)
+        evaluating = start("main_cifar10.py", "--eval-only", "--data-dir", str(cifar10_dir),
+                           "--results-dir", str(tmp_path))
+        plotting = start("plot.py", str(run_dir))
+        (_, second_err), (_, eval_err), (_, plot_err) = (process.communicate(timeout=120)
+                                                         for process in (second, evaluating, plotting))
+        assert first.poll() is None, "the first run ended before the checks were done: they prove nothing"
+
+        assert second.returncode == 2, second_err
+        assert_one_line_error(second_err, "in use", f"process {first.pid} on", "--tag", "--results-dir")
+        assert evaluating.returncode == 2, eval_err
+        assert_one_line_error(eval_err, "in use", f"process {first.pid} on")
+        assert plotting.returncode == 0, plot_err
+        names = {path.name for path in run_dir.iterdir()}
+        assert all(f".{first.pid}{runs.TEMP_MARK}" in name for name in names - names_before)
+        assert runs.EVAL_FILE not in names and runs.CONFUSION_FILE not in names
+        assert (run_dir / runs.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
+    finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGINT)
+        first.wait(timeout=120)
+    stderr = (tmp_path / "first.err").read_text()
+    assert first.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)
+    saved = last["epoch"]
+    assert f"Interrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}" in stderr
+    rows = read_metrics(run_dir)
+    # A Ctrl-C between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
+    # rewrites it from last.pt.
+    assert len(rows) in (saved - 1, saved) and rows == as_read(last["history"][:len(rows)])
+    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved
+    assert temp_files(run_dir) == []
+    runs.refuse_if_in_use(run_dir)  # the lock went with the process
+
+
+# ---------------------------------------------------------------------------------------------------
+# A full disk at each write
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes left: the write that passes it writes what fits, then fails."""
+
+    def __init__(self, file, room: int) -> None:
+        self.file, self.room = file, room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            self.file.write(memoryview(data).cast("B")[:self.room])
+            self.room = 0
+            raise OSError(errno.ENOSPC, NO_SPACE)
+        self.room -= size
+        return self.file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def fill_disk_at(monkeypatch, name: str, occurrence: int = 1, room: int = 64) -> None:
+    """Make the occurrence-th write of the run file `name` hit a full disk, through the real
+    runs.write_atomically, which must clean up after it."""
+    real_write_atomically = runs.write_atomically
+    seen = []
+
+    def write_atomically(path, write):
+        if Path(path).name == name:
+            seen.append(path)
+            if len(seen) == occurrence:
+                return real_write_atomically(path, lambda out: write(FullDisk(out, room)))
+        return real_write_atomically(path, write)
+    monkeypatch.setattr(runs, "write_atomically", write_atomically)
+
+
+def assert_every_file_is_whole(run_dir: Path) -> None:
+    assert temp_files(run_dir) == []
+    names = {path.name for path in run_dir.iterdir()}
+    for name in {runs.CONFIG_FILE, runs.SUMMARY_FILE} & names:
+        assert isinstance(json.loads((run_dir / name).read_text()), dict)
+    if runs.LOG_FILE in names:
+        (run_dir / runs.LOG_FILE).read_text(encoding="utf-8")
+    if runs.CURVES_FILE in names:
+        Image.open(run_dir / runs.CURVES_FILE).verify()
+    if runs.BEST_CHECKPOINT in names:
+        assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["model_name"] == "cnn_base"
+    if runs.LAST_CHECKPOINT in names:
+        last = torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)
+        if runs.METRICS_FILE in names:
+            runs.read_metrics(run_dir / runs.METRICS_FILE)  # parses, every column a number
+            assert read_metrics(run_dir) == as_read(last["history"])
+    else:
+        assert runs.METRICS_FILE not in names
+
+
+@pytest.mark.parametrize("name, occurrence, saved_epochs", [
+    ("config.json", 1, 0),
+    ("log.txt", 1, 0),
+    ("best.pt", 1, 0),
+    ("last.pt", 1, 0),
+    ("metrics.csv", 1, 1),
+    ("curves.png", 1, 1),
+    ("summary.json", 1, 2),
+    ("last.pt", 2, 1),
+    ("curves.png", 3, 2),  # at the end, after summary.json: --resume finishes the run again
+], ids=["config", "log", "best", "last", "metrics", "curves", "summary", "last-epoch-2", "curves-at-end"])
+def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it(
+        reference, cifar10_dir, tmp_path, monkeypatch, capsys, name, occurrence, saved_epochs):
+    capsys.readouterr()
+    args = fault_args(cifar10_dir, tmp_path)
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    with monkeypatch.context() as patch:
+        fill_disk_at(patch, name, occurrence)
+        assert train.main("cifar10", args) == 1
+    err = capsys.readouterr().err
+    assert_one_line_error(err, f"error: cannot write {run_dir / name} ({NO_SPACE}); ")
+    assert_every_file_is_whole(run_dir)
+    last = run_dir / runs.LAST_CHECKPOINT
+    assert (torch.load(last, weights_only=True)["epoch"] if last.exists() else 0) == saved_epochs
+    if saved_epochs:
+        assert f"last.pt holds epoch {saved_epochs}; free space, then continue with the same command " \
+               "and --resume" in err
+        again = [*args, "--resume"]
+    else:
+        assert "no epoch was saved; free space, then run the same command again" in err
+        again = args
+
+    assert train.main("cifar10", again) == 0
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
+    assert summary_without_time(run_dir) == summary_without_time(reference)
+    assert (run_dir / runs.LOG_FILE).read_text().endswith("Model Saved\n")
+    assert temp_files(run_dir) == []
+
+
+def test_a_write_the_kernel_refuses_is_one_line_exit_1(cifar10_dir, tmp_path):
+    """No simulation: a real process whose files may not grow past 64 kB (EFBIG from the kernel, as
+    ENOSPC from a full disk) fails at its first checkpoint and says so in one line."""
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel kills the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64_000, 64_000))
+    completed = subprocess.run([sys.executable, "main_cifar10.py", *fault_args(cifar10_dir, tmp_path)],
+                               cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+                               preexec_fn=limit_file_size)
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    assert completed.returncode == 1, completed.stderr
+    assert_one_line_error(completed.stderr, f"error: cannot write {run_dir / runs.BEST_CHECKPOINT} "
+                          f"({os.strerror(errno.EFBIG)}); no epoch was saved")
+    assert_every_file_is_whole(run_dir)
+
+
+def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
+    """The holder's name cannot be written on a full disk; the lock holds all the same."""
+    if not Path("/dev/full").exists():
+        pytest.skip("needs /dev/full")
+    (tmp_path / runs.LOCK_FILE).symlink_to("/dev/full")
+    lock = runs.lock_run_folder(tmp_path)
+    with pytest.raises(UsageError, match="in use by another process"):
+        runs.refuse_if_in_use(tmp_path)
+    lock.close()
+    runs.refuse_if_in_use(tmp_path)
+
+
+def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, cifar10_dir, monkeypatch,
+                                                         capsys):
+    name = runs.EVAL_FILE
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    shutil.copytree(reference, run_dir)
+    best = (run_dir / runs.BEST_CHECKPOINT).read_bytes()
+    capsys.readouterr()
+    fill_disk_at(monkeypatch, name)
+    assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir",
+                                  str(tmp_path)]) == 1
+    assert_one_line_error(capsys.readouterr().err, f"error: cannot write {run_dir / name} ({NO_SPACE})",
+                          "untouched", "evaluate again")
+    assert not (run_dir / name).exists()
+    assert (run_dir / runs.BEST_CHECKPOINT).read_bytes() == best
+    assert_every_file_is_whole(run_dir)
+    runs.refuse_if_in_use(run_dir)  # the lock is let go after a failure
+
+
+# ---------------------------------------------------------------------------------------------------
+# SIGKILL in the middle of saving a checkpoint; the lock it held is not stale
+
+
+# Runs training with the target file's occurrence-th write stopped halfway: half its bytes in the
+# temporary file, a marker file made, then a wait for the SIGKILL.
+KILL_IN_SAVE = """
+import io, os, sys, time
+import runs, train
+
+target, occurrence, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+real_write_atomically = runs.write_atomically
+saves = 0
+
+def write_atomically(path, write):
+    global saves
+    if os.path.basename(path) == target:
+        saves += 1
+        if saves == occurrence:
+            def write_half_then_hang(out):
+                whole = io.BytesIO()
+                write(whole)
+                out.write(whole.getvalue()[:len(whole.getvalue()) // 2])
+                out.flush()
+                open(marker, "w").close()
+                time.sleep(600)
+            return real_write_atomically(path, write_half_then_hang)
+    return real_write_atomically(path, write)
+
+runs.write_atomically = write_atomically
+sys.exit(train.main("cifar10", sys.argv[4:]))
+"""
+
+
+@pytest.mark.parametrize("name", [runs.LAST_CHECKPOINT, runs.BEST_CHECKPOINT])
+def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_its_lock(
+        reference, cifar10_dir, tmp_path, capsys, name):
+    rows = read_metrics(reference)
+    assert float(rows[1]["val_acc"]) > float(rows[0]["val_acc"]), "epoch 2 must save best.pt again"
+    args = fault_args(cifar10_dir, tmp_path)
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    marker = tmp_path / "inside-the-save"
+    process = subprocess.Popen([sys.executable, "-c", KILL_IN_SAVE, name, "2", str(marker), *args],
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(marker.exists, process)
+    finally:
+        process.kill()
+        process.wait()
+    assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{runs.TEMP_MARK}.pt"]
+    assert torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+    best_epoch = 1 if name == runs.BEST_CHECKPOINT else 2  # saved before last.pt
+    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
+    assert (run_dir / runs.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
+
+    capsys.readouterr()
+    assert train.main("cifar10", [*args, "--resume"]) == 0
+    assert "Resuming" in capsys.readouterr().out
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
+    assert summary_without_time(run_dir) == summary_without_time(reference)
+    assert temp_files(run_dir) == []
