@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.utils import check_integrity, download_url, extract_archive
 
 DOWNLOAD_TIMEOUT_SECONDS = 60  # a stalled connection gives an error instead of hanging forever
 
@@ -81,6 +80,13 @@ def load_cifar(spec: CifarSpec, data_dir: str | Path, download: bool) -> CifarDa
 
 # -- finding, downloading and extracting ---------------------------------------------------------------------
 
+def _archive_utils():
+    """torchvision's download, md5 and extraction utilities, imported only when an archive is handled:
+    torchvision.datasets pulls in torchvision.models and torch._dynamo, 1.4 s of every start otherwise."""
+    from torchvision.datasets import utils
+    return utils
+
+
 def _find_or_fetch(spec: CifarSpec, data_dir: Path, download: bool) -> Path:
     folder, archive = data_dir / spec.folder, data_dir / spec.archive
     if folder.is_dir():
@@ -88,7 +94,7 @@ def _find_or_fetch(spec: CifarSpec, data_dir: Path, download: bool) -> Path:
     if not archive.is_file() and not download:
         raise DataError(f"found neither {folder}/ nor {archive}; put the extracted folder or the archive from "
                         f"{spec.url} in {data_dir}/ (the training scripts download it there when online)")
-    if archive.is_file() and not check_integrity(str(archive), spec.md5):
+    if archive.is_file() and not _archive_utils().check_integrity(str(archive), spec.md5):
         # The user's file stays where it is: it may be all they have.
         raise DataError(f"{archive} does not have the official md5 {spec.md5}; it is damaged or another file: "
                         f"replace it with a fresh download of {spec.url} (or delete it to download again)")
@@ -111,14 +117,14 @@ def _download(spec: CifarSpec, data_dir: Path) -> None:
         previous_timeout = socket.getdefaulttimeout()
         socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)  # urllib, used by torchvision, waits forever otherwise
         try:
-            download_url(spec.url, temp_dir, filename=spec.archive)
+            _archive_utils().download_url(spec.url, temp_dir, filename=spec.archive)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
             raise DataError(f"could not download {spec.url} ({_one_line(reason)}); check the network, or "
                             f"download it by hand and put it in {data_dir}/") from None
         finally:
             socket.setdefaulttimeout(previous_timeout)
-        if not check_integrity(str(temp_archive), spec.md5):
+        if not _archive_utils().check_integrity(str(temp_archive), spec.md5):
             raise DataError(f"the file downloaded from {spec.url} does not have the md5 {spec.md5}; try again, "
                             f"or download it by hand and put it in {data_dir}/")
         os.replace(temp_archive, data_dir / spec.archive)
@@ -129,7 +135,7 @@ def _extract(spec: CifarSpec, archive: Path, data_dir: Path) -> None:
     extraction never leaves a half-filled folder that would be read next time."""
     with tempfile.TemporaryDirectory(prefix=".extract-", dir=data_dir) as temp_dir:
         try:
-            extract_archive(str(archive), temp_dir)
+            _archive_utils().extract_archive(str(archive), temp_dir)
         except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
             raise DataError(f"could not extract {archive} ({_one_line(err)}); replace it with a fresh download "
                             f"of {spec.url}") from None

@@ -32,7 +32,6 @@ import load_data_cifar10
 import load_data_cifar100
 import plot
 import runs
-import predict
 import tensorboard_log
 import trained_net
 from batches import AUGMENTATIONS, EvalBatches, TrainBatches, channel_stats, split_validation
@@ -813,6 +812,7 @@ def evaluate_checkpoint(args, dataset: str, load_dataset, num_classes: int) -> i
 
 def predict_images(args, dataset: str, load_dataset, num_classes: int) -> int:
     """The top-5 classes of each image file by a trained network; writes nothing."""
+    import predict  # here, not at the top: torchvision's image code costs every other command 2 s to load
     trained = trained_net.load_trained(checkpoint_path_of(args, dataset), args.model, num_classes)
     class_names = trained.classes
     if class_names is None:  # a best.pt from before checkpoints carried the class names

@@ -5,7 +5,8 @@
 #
 # In order of importance: the device, the test suite (CUDA-only bugs), the pipeline benchmark for
 # ResNet-18 and BaseCNN (project batches against DataLoader/PIL), a 20-epoch ResNet-18 run with
-# torch.compile (seconds per epoch, test accuracy), and the throughput of all 15 models. Each step has
+# torch.compile (seconds per epoch, test accuracy), and the throughput of every model (in --list-models
+# order, as many as its limit allows: rows print as they are measured). Each step has
 # its own time limit, so one that hangs does not cost the others. Logs, JSON and the run's metrics,
 # summary and curves go to $OUT (the device tool's output folder), or to gpu-out/ when OUT is unset.
 set -u
