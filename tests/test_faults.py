@@ -90,7 +90,7 @@ def summary_without_time(run_dir: Path) -> dict:
 
 
 def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir, tmp_path):
-    args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # stopped with Ctrl-C once checked
+    args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # killed once checked
     run_dir = tmp_path / "cifar10" / "cnn_base"
     with open(tmp_path / "first.err", "w") as first_err:  # on one core, leaving the others to the checks
         first = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
@@ -123,21 +123,16 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
         assert runs.EVAL_FILE not in names and runs.CONFUSION_FILE not in names
         assert (run_dir / runs.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
     finally:
-        if first.poll() is None:
-            first.send_signal(signal.SIGINT)
+        # SIGKILL, which gives the process no chance to unlock: the lock must go with it all the same.
+        # (Ctrl-C has its own test in test_train.py.)
+        first.kill()
         first.wait(timeout=120)
-    stderr = (tmp_path / "first.err").read_text()
-    assert first.returncode == 130, stderr
-    assert "Traceback" not in stderr
     last = torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)
-    saved = last["epoch"]
-    assert f"Interrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}" in stderr
     rows = read_metrics(run_dir)
-    # A Ctrl-C between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
+    # A kill between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
     # rewrites it from last.pt.
-    assert len(rows) in (saved - 1, saved) and rows == as_read(last["history"][:len(rows)])
-    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved
-    assert temp_files(run_dir) == []
+    assert len(rows) in (last["epoch"] - 1, last["epoch"]) and rows == as_read(last["history"][:len(rows)])
+    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"]
     runs.refuse_if_in_use(run_dir)  # the lock went with the process
 
 
