@@ -31,6 +31,10 @@ from matplotlib.ticker import MaxNLocator
 import runs
 from runs import RunFileError, read_json, read_metrics, warn
 
+# What a dataset folder's summary consists of, next to its run folders.
+SUMMARY_CSV_FILE = "summary.csv"
+SUMMARY_MD_FILE = "summary.md"
+COMPARISON_FILE = "comparison.png"
 # The colour map of models the registry does not know (the registry gives each family its own).
 UNKNOWN_FAMILY_COLORMAP = "Purples"
 # Columns averaged over the runs of one summary row (mean, and sample std when there are several).
@@ -463,9 +467,9 @@ def summarize_dataset(dataset_dir: str | Path, index_link: bool | None = None) -
     if not records:
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
     rows = group_runs(records, model_names)
-    runs.write_text(dataset_dir / "summary.csv", summary_csv(rows))
-    runs.write_text(dataset_dir / "summary.md", summary_markdown(dataset_dir.name, rows))
-    plot_comparison(dataset_dir.name, rows, dataset_dir / "comparison.png")
+    runs.write_text(dataset_dir / SUMMARY_CSV_FILE, summary_csv(rows))
+    runs.write_text(dataset_dir / SUMMARY_MD_FILE, summary_markdown(dataset_dir.name, rows))
+    plot_comparison(dataset_dir.name, rows, dataset_dir / COMPARISON_FILE)
     report.write_dataset_page(dataset_dir, rows, index_link)
     return [{column: row[column] for column in SUMMARY_CSV_COLUMNS} for row in rows]
 
@@ -495,25 +499,24 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if _has_runs(path):
             summarize_dataset(path)
-            print(path / "summary.md")
+            print(path / SUMMARY_MD_FILE)
             return 0
         dataset_dirs = sorted(child for child in path.iterdir()
                               if child.is_dir() and _has_runs(child))
         if not dataset_dirs:
             raise PlotError(f"{path}: nothing to plot (no metrics.csv in it, in its folders or in "
                             "theirs); give a run folder, a dataset folder or the results root")
-        summarized = []
+        summaries = {}
         for dataset_dir in dataset_dirs:
             try:
-                summarize_dataset(dataset_dir, index_link=True)
-                print(dataset_dir / "summary.md")
-                summarized.append(dataset_dir)
+                summaries[dataset_dir] = summarize_dataset(dataset_dir, index_link=True)
+                print(dataset_dir / SUMMARY_MD_FILE)
             except PlotError as err:
                 warn(str(err))
-        if not summarized:
+        if not summaries:
             raise PlotError(f"{path}: no dataset folder had a usable run")
         import report  # here, not at the top: report imports this module
-        print(report.write_index(path, summarized))
+        print(report.write_index(path, summaries))
         return 0
     except (PlotError, RunFileError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -10,7 +10,6 @@ clicked column header, and without script it reads in summary.md's order.
 from __future__ import annotations
 
 import base64
-import csv
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ import runs
 from runs import (CONFIG_FILE, CONFUSION_FILE, CURVES_FILE, EVAL_FILE, SUMMARY_FILE,
                   write_text)
 
+PAGE_FILE = "index.html"  # the page of a dataset folder, and of the results root
 # The settings a reader compares between runs, in this order, when config.json has them.
 SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
             "warmup_epochs", "aug", "seed", "tag", "val_size", "validation", "subset", "device",
@@ -230,9 +230,9 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
     dataset_dir = Path(dataset_dir)
     title = f"{plot.pretty_dataset(dataset_dir.name)} results"
     if index_link is None:
-        index_link = (dataset_dir.parent / "index.html").is_file()
+        index_link = (dataset_dir.parent / PAGE_FILE).is_file()
     run_ids = _run_ids(rows)
-    files = [f'<a href="{_href(file)}">{escape(file)}</a>' for file in ("summary.md", "summary.csv")
+    files = [f'<a href="{_href(file)}">{escape(file)}</a>' for file in (plot.SUMMARY_MD_FILE, plot.SUMMARY_CSV_FILE)
              if (dataset_dir / file).is_file()]
     body = ['<p><a href="../index.html">all datasets</a></p>' if index_link else "",
             f"<h1>{escape(title)}</h1>",
@@ -241,12 +241,12 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
             + (f" The same table as {', '.join(files)}." if files else "") + "</p>",
             _summary_table(rows, run_ids),
             _summary_notes(rows),
-            _image(dataset_dir / "comparison.png", "comparison.png", "comparison of the models",
+            _image(dataset_dir / plot.COMPARISON_FILE, plot.COMPARISON_FILE, "comparison of the models",
                    "no comparison.png"),
             "<h2>Runs</h2>"]
     body += [run_section(dataset_dir, run, run_ids[run["run_dir"]])
              for row in rows for run in row["members"]]
-    path = dataset_dir / "index.html"
+    path = dataset_dir / PAGE_FILE
     write_text(path, _page(title, body, sortable=True))
     return path
 
@@ -261,48 +261,35 @@ def _summary_notes(rows: list[dict]) -> str:
     return "<ul>" + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
 
 
-def _dataset_line(dataset_dir: Path) -> str:
-    """How many runs the dataset has and its best test accuracy, from its summary.csv."""
-    try:
-        with open(dataset_dir / "summary.csv", newline="", encoding="utf-8") as summary_file:
-            rows = list(csv.DictReader(summary_file))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return ""
-    run_count = sum(int(row["runs"]) for row in rows if str(row.get("runs", "")).isdigit())
-    scored = [(accuracy, row.get("model", "")) for row in rows
-              if (accuracy := _parse_float(row.get("test_acc"))) is not None]
-    line = f"{run_count} runs of {len({row.get('model') for row in rows})} models"
+def _dataset_line(rows: list[dict]) -> str:
+    """How many runs the dataset has and its best test accuracy, from its summary rows."""
+    line = f"{sum(row['runs'] for row in rows)} runs of {len({row['model'] for row in rows})} models"
+    scored = [(row["test_acc"], row["model"]) for row in rows if _number(row["test_acc"]) is not None]
     if scored:
         accuracy, model = max(scored)
         line += f"; best test accuracy {100 * accuracy:.2f}% ({model})"
     return line
 
 
-def _parse_float(text: object) -> float | None:
-    try:
-        value = float(text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) else None
-
-
-def write_index(results_root: Path, dataset_dirs: list[Path]) -> Path:
+def write_index(results_root: Path, summaries: dict[Path, list[dict]]) -> Path:
     """Write <results_root>/index.html linking each dataset's page (written before, by
-    write_dataset_page), with its comparison.png; returns its path."""
+    write_dataset_page), with its comparison.png; summaries: each dataset folder's summary rows
+    (plot.summarize_dataset's). Returns its path."""
     results_root = Path(results_root)
     body = ["<h1>Results</h1>", "<ul>"]
     figures = []
-    for dataset_dir in map(Path, dataset_dirs):
+    for dataset_dir, rows in summaries.items():
+        dataset_dir = Path(dataset_dir)
         folder = Path(os.path.relpath(dataset_dir, results_root)).as_posix()
         title = plot.pretty_dataset(dataset_dir.name)
-        page = _href(f"{folder}/index.html")
-        line = _dataset_line(dataset_dir)
+        page = _href(f"{folder}/{PAGE_FILE}")
+        line = _dataset_line(rows)
         body.append(f'<li><a href="{page}">{escape(title)}</a>'
                     + (f": {escape(line)}" if line else "") + "</li>")
         figures += [f'<h2><a href="{page}">{escape(title)}</a></h2>',
-                    _image(dataset_dir / "comparison.png", f"{folder}/comparison.png",
+                    _image(dataset_dir / plot.COMPARISON_FILE, f"{folder}/{plot.COMPARISON_FILE}",
                            f"comparison of the models on {title}", "no comparison.png")]
     body += ["</ul>", *figures]
-    path = results_root / "index.html"
+    path = results_root / PAGE_FILE
     write_text(path, _page("Results", body))
     return path

@@ -21,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -71,7 +72,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(USAGE_EXIT, f"error: {message} (see --help)\n")
 
 
-def number(kind: type, allowed: str, within) -> callable:
+def number(kind: type, allowed: str, within: Callable[[float], bool]) -> Callable[[str], float]:
     """An argparse type: a finite int or float for which within(value) holds, else an error quoting the
     value and saying what is allowed."""
     def parse(text: str):
@@ -368,15 +369,10 @@ def load_data(args, load_dataset, procs: Processes, channels_last: bool) -> Data
     mean, std = channel_stats(data.train_images)  # the whole training set, before subset and split
     train_images, train_labels = data.train_images, data.train_labels
     test_images, test_labels = data.test_images, data.test_labels
+    # check_flags has held --subset and --val-size against the dataset's size, which cifar.py enforces.
     if args.subset is not None:
-        if args.subset > len(train_labels):
-            raise UsageError(f"--subset {args.subset} is more than the {len(train_labels)} training "
-                             "images; pass a smaller number or leave it out")
         train_images, train_labels = train_images[:args.subset], train_labels[:args.subset]
         test_images, test_labels = test_images[:args.subset], test_labels[:args.subset]
-    if args.val_size >= len(train_labels):
-        raise UsageError(f"--val-size {args.val_size} leaves no training images out of "
-                         f"{len(train_labels)}; pass a smaller number")
     if args.val_size:
         train_index, val_index = split_validation(train_labels, args.val_size, args.seed)
         val_images, val_labels = train_images[val_index], train_labels[val_index]
@@ -774,8 +770,8 @@ def evaluate_checkpoint(args, dataset: str, load_dataset, num_classes: int) -> i
     _, amp_dtype = resolve_amp(args.amp, device)
     net = trained.net.to(device)  # the batches below normalize, as in training
     data = load_dataset(args.data_dir)
-    batches = EvalBatches(data.test_images, data.test_labels, 500, mean=trained.mean.flatten().tolist(),
-                          std=trained.std.flatten().tolist(), device=device)
+    mean, std = trained.statistics
+    batches = EvalBatches(data.test_images, data.test_labels, 500, mean=mean, std=std, device=device)
     totals, confusion = evaluate(net, batches, amp_dtype, tta=args.tta, num_classes=num_classes)
     result = rates("test", totals)
     confusion = confusion.cpu()

@@ -28,7 +28,8 @@ class CheckpointError(UsageError, ValueError):
 class NormalizedNet(nn.Module):
     """A network that takes N x 3 x H x W images with values in [0, 1] and normalizes them itself
     with the statistics it was trained with. .net is the network underneath; .mean and .std
-    (3 values each), .classes (names, or None when the checkpoint has none) and .epoch describe it."""
+    (3 values each; .statistics has them unrounded), .classes (names, or None when the checkpoint has
+    none) and .epoch describe it."""
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float],
                  classes: Sequence[str] | None = None, epoch: int | None = None) -> None:
@@ -40,6 +41,8 @@ class NormalizedNet(nn.Module):
         # Buffers: they move with .to(device) and are saved with the state_dict.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+        # The saved values as they are (the buffers are float32), for code that normalizes by itself.
+        self.statistics = (list(mean), list(std))
         self.classes = list(classes) if classes is not None else None
         self.epoch = epoch  # the training epoch the weights are from, where the checkpoint says
 

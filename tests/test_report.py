@@ -123,7 +123,7 @@ def write_pages(results: Path) -> dict[Path, list[dict]]:
         assert report.write_dataset_page(dataset_dir, rows, index_link=True) == \
             dataset_dir / "index.html"
         rows_by_dataset[dataset_dir] = rows
-    assert report.write_index(results, list(rows_by_dataset)) == results / "index.html"
+    assert report.write_index(results, rows_by_dataset) == results / "index.html"
     return rows_by_dataset
 
 
