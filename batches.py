@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -14,6 +15,20 @@ import torch
 AUGMENTATIONS = ("none", "flip-crop", "flip-crop-cutout")
 CROP_PADDING = 4  # pixels of zero padding around the image before the random 32x32 crop
 CUTOUT_SIZE = 16  # side of the square that cutout zeroes (DeVries & Taylor 2017, their CIFAR-10 setting)
+
+
+@dataclass(frozen=True)
+class BatchOptions:
+    """What every batch of a run shares: the normalization (per-channel mean and std as fractions of 255),
+    the device and memory format they are made in, and which share of each global batch this process takes
+    under torchrun (rank of world_size)."""
+
+    mean: Sequence[float]
+    std: Sequence[float]
+    device: str | torch.device = "cpu"
+    channels_last: bool = False
+    rank: int = 0
+    world_size: int = 1
 
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
@@ -143,20 +158,19 @@ class TrainBatches:
     images live in buffers reused every epoch (fresh memory would cost more than the augmentation itself).
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], *, aug: str = "flip-crop", seed: int = 0, device: str | torch.device = "cpu",
-                 channels_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        _check_batch_arguments(images, labels, batch_size, rank, world_size)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, options: BatchOptions, *,
+                 aug: str = "flip-crop", seed: int = 0) -> None:
+        _check_batch_arguments(images, labels, batch_size, options.rank, options.world_size)
         if aug not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
-        self.device = torch.device(device)
+        self.device = torch.device(options.device)
         self.images = images.to(self.device).contiguous()
         # Flipped copies cost one more dataset of memory and save flipping half of it every epoch.
         self.flipped_images = self.images.flip(3) if aug != "none" else None
         self.labels = labels.to(self.device, torch.int64)
-        self.scale, self.shift = _normalization(mean, std, self.device)
-        self.aug, self.seed, self.channels_last, self.epoch = aug, seed, channels_last, 0
-        self.shares = _batch_shares(len(images), batch_size, rank, world_size)
+        self.scale, self.shift = _normalization(options.mean, options.std, self.device)
+        self.aug, self.seed, self.channels_last, self.epoch = aug, seed, options.channels_last, 0
+        self.shares = _batch_shares(len(images), batch_size, options.rank, options.world_size)
         # This rank's positions in the epoch order, batch after batch.
         self.positions = torch.cat([torch.arange(start, end) for start, end in self.shares] + [torch.arange(0)])
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -234,16 +248,14 @@ class EvalBatches:
     """Normalized batches in dataset order, without augmentation. Under torchrun every rank takes its share of
     each global batch, so all ranks together see every image once."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, mean: Sequence[float],
-                 std: Sequence[float], *, device: str | torch.device = "cpu", channels_last: bool = False,
-                 rank: int = 0, world_size: int = 1) -> None:
-        _check_batch_arguments(images, labels, batch_size, rank, world_size)
-        self.device = torch.device(device)
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, options: BatchOptions) -> None:
+        _check_batch_arguments(images, labels, batch_size, options.rank, options.world_size)
+        self.device = torch.device(options.device)
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
-        self.scale, self.shift = _normalization(mean, std, self.device)
-        self.channels_last = channels_last
-        self.shares = _batch_shares(len(images), batch_size, rank, world_size)
+        self.scale, self.shift = _normalization(options.mean, options.std, self.device)
+        self.channels_last = options.channels_last
+        self.shares = _batch_shares(len(images), batch_size, options.rank, options.world_size)
 
     def __len__(self) -> int:
         return len(self.shares)

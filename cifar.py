@@ -4,8 +4,8 @@ extracting the official archive. load_data_cifar10.py and load_data_cifar100.py 
 """
 from __future__ import annotations
 
-import importlib
 import http.client
+import importlib
 import os
 import pickle
 import socket
@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from errors import UsageError
+
 DOWNLOAD_TIMEOUT_SECONDS = 60  # a stalled connection gives an error instead of hanging forever
 
 
-class DataError(Exception):
+class DataError(UsageError):
     """Any problem with the dataset files or their download; str(err) is one line naming the file or URL
-    and saying what to do."""
+    and saying what to do (exit 2)."""
 
 
 @dataclass(frozen=True)

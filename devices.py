@@ -4,6 +4,7 @@ train.py and the bench scripts read the choices from here, so the command lines 
 """
 from __future__ import annotations
 
+import os
 from contextlib import nullcontext
 
 import torch
@@ -44,3 +45,16 @@ def autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def accumulator_dtype(device: torch.device) -> torch.dtype:
     """Sums over an epoch in float64, except on Apple GPUs, which have no float64."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def set_up_backends(device: torch.device, deterministic: bool) -> None:
+    """The backend settings of training, shared with the benchmarks so that their figures are a run's."""
+    if deterministic:
+        # cuBLAS needs this set before its first call to give repeatable results.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

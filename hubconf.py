@@ -13,7 +13,8 @@ import sys as _sys
 
 from torch import nn as _nn
 
-from model import MODELS as _MODELS, build_model as _build_model
+from model import MODELS as _MODELS
+from model import build_model as _build_model
 from trained_net import load_trained as _load_trained
 
 dependencies = ["torch"]

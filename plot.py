@@ -14,10 +14,7 @@ pyplot, so nothing needs a display and no figure outlives the call that drew it.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import math
-import re
 import sys
 from pathlib import Path
 
@@ -28,85 +25,52 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+import report
 import runs
-from runs import RunFileError, read_json, read_metrics, warn
-
-# What a dataset folder's summary consists of, next to its run folders.
-SUMMARY_CSV_FILE = "summary.csv"
-SUMMARY_MD_FILE = "summary.md"
-COMPARISON_FILE = "comparison.png"
-# The colour map of models the registry does not know (the registry gives each family its own).
-UNKNOWN_FAMILY_COLORMAP = "Purples"
-# Columns averaged over the runs of one summary row (mean, and sample std when there are several).
-AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
-                   "train_loss", "val_loss", "seconds_per_epoch")
-SUMMARY_CSV_COLUMNS = (
-    ("model", "run_dirs", "runs", "finished", "parameters", "flops", "epochs", "planned_epochs")
-    + tuple(column for field in AVERAGED_FIELDS for column in (field, f"{field}_std"))
+from errors import RunFailed, UsageError, run_command
+from model import MODELS
+from run_files import (
+    COMPARISON_FILE,
+    CONFIG_FILE,
+    CURVES_FILE,
+    METRICS_FILE,
+    SUMMARY_CSV_FILE,
+    SUMMARY_FILE,
+    SUMMARY_MD_FILE,
+    Summary,
+    as_number,
+    read_metrics,
+)
+from summary import (
+    SUMMARY_CSV_COLUMNS,
+    count_text,
+    group_runs,
+    pretty_dataset,
+    read_runs,
+    summary_csv,
+    summary_markdown,
 )
 
-
-class PlotError(Exception):
-    """A problem with the user's files or arguments; str() is one line naming the path."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading run folders
-
-
-def known_model_names() -> list[str]:
-    """Model flag names in --list-models order (the registry's order)."""
-    # Imported here, not at the top: the registry imports torch, which plot_curves does not need.
-    from model import MODELS
-    return list(MODELS)
-
-
-def split_run_name(run_name: str, model_names: list[str]) -> tuple[str, str | None]:
-    """(model, tag) from a folder called <model> or <model>-<tag>, by the longest known prefix."""
-    for name in sorted(model_names, key=len, reverse=True):
-        if run_name == name:
-            return name, None
-        if run_name.startswith(name + "-"):
-            return name, run_name[len(name) + 1:]
-    return run_name, None
+# The colour map of each model family (every family of the registry has one; a test checks it), and of
+# models the registry does not know.
+FAMILY_COLORMAPS = {
+    "base": "Greys",
+    "resnet": "Blues",
+    "densenet": "Greens",
+    "se_resnet": "Oranges",
+    "vgg": "Purples",
+    "resnext": "Reds",
+    "sknet": "YlOrBr",
+    "res2net": "PuRd",
+    "scnet": "BuGn",
+    "ca_resnet": "RdPu",
+    "nl_resnet": "GnBu",
+}
+UNKNOWN_FAMILY_COLORMAP = "Purples"
 
 
-def read_run(run_dir: Path, model_names: list[str]) -> dict:
-    """Everything the summary needs about one run; RunFileError if its metrics.csv is malformed."""
-    metrics = read_metrics(run_dir / runs.METRICS_FILE)
-    config = read_json(run_dir / runs.CONFIG_FILE) or {}
-    summary = read_json(run_dir / runs.SUMMARY_FILE)
-    model, tag = split_run_name(run_dir.name, model_names)
-    if "model" in config:
-        model, tag = str(config["model"]), config.get("tag")
-    val_acc = metrics["val_acc"]
-    best_index = int(np.nanargmax(val_acc)) if not np.all(np.isnan(val_acc)) else len(val_acc) - 1
-    epochs_done = len(metrics["epoch"])
-    planned = config.get("epochs", summary.get("epochs") if summary else None)
-    return {
-        "run_dir": run_dir.name,
-        "model": model,
-        "tag": tag,
-        "validation": config.get("validation"),
-        "parameters": config.get("parameters"),
-        "flops": config.get("flops"),
-        "finished": summary is not None,
-        "epochs": epochs_done,
-        "planned_epochs": int(planned) if isinstance(planned, (int, float)) else None,
-        "train_acc": float(metrics["train_acc"][-1]),
-        "best_val_acc": float(val_acc[best_index]),
-        "best_epoch": int(metrics["epoch"][best_index]),
-        "test_acc": _as_float(summary.get("test_acc")) if summary else None,
-        "final_test_acc": _as_float(summary.get("final_test_acc")) if summary else None,
-        "train_loss": float(metrics["train_loss"][-1]),
-        "val_loss": float(metrics["val_loss"][-1]),
-        "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
-        "metrics": metrics,
-    }
-
-
-def _as_float(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+class PlotError(UsageError):
+    """A problem with the user's files or arguments; str() is one line naming the path (exit 2)."""
 
 
 def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
@@ -118,17 +82,12 @@ def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
 # One run
 
 
-def pretty_dataset(name: str) -> str:
-    match = re.fullmatch(r"cifar(\d+)", name.lower())
-    return f"CIFAR-{match.group(1)}" if match else name
-
-
 def plot_curves(run_dir: str | Path) -> Path:
     """Draw <run_dir>/curves.png (loss and accuracy per epoch) from metrics.csv; return its path."""
     run_dir = Path(run_dir)
-    metrics = read_metrics(run_dir / runs.METRICS_FILE)
-    config = read_json(run_dir / runs.CONFIG_FILE) or {}
-    summary = read_json(run_dir / runs.SUMMARY_FILE)
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    config = runs.read_json(run_dir / CONFIG_FILE) or {}
+    summary = runs.read_record(run_dir / SUMMARY_FILE, Summary)
     epochs = metrics["epoch"]
     run_name = run_dir.name
     if "model" in config:
@@ -136,8 +95,8 @@ def plot_curves(run_dir: str | Path) -> Path:
     title = f"{run_name} on {pretty_dataset(str(config.get('dataset', run_dir.parent.name)))}"
     planned = config.get("epochs")
     title += f" \u2014 epoch {len(epochs)}" + (f"/{planned}" if planned else "")
-    if summary and _as_float(summary.get("test_acc")) is not None:
-        title += f", test accuracy {100 * summary['test_acc']:.2f}%"
+    if summary and as_number(summary.test_acc) is not None:
+        title += f", test accuracy {100 * summary.test_acc:.2f}%"
 
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_axes, acc_axes = figure.subplots(1, 2)
@@ -161,7 +120,7 @@ def plot_curves(run_dir: str | Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend(loc="best", fontsize=9)
     figure.suptitle(title)
-    path = run_dir / runs.CURVES_FILE
+    path = run_dir / CURVES_FILE
     _save_figure(figure, path, dpi=120)
     return path
 
@@ -211,157 +170,14 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: str | Path, titl
 # A dataset folder
 
 
-def model_order_key(model: str, model_names: list[str]) -> tuple[int, str]:
-    """Registry order first; models the registry does not know go last, alphabetically."""
-    return (model_names.index(model), "") if model in model_names else (len(model_names), model)
-
-
-def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
-    """Summary rows: finished runs of one model and epoch count (e.g. several seeds) form one row.
-
-    An unfinished run keeps a row of its own: averaging it with finished runs, or with other runs
-    stopped at other epochs, would mix numbers that do not measure the same thing.
-    """
-    groups: dict[tuple, list[dict]] = {}
-    for run in records:
-        key = (run["model"], True, run["epochs"], "") if run["finished"] else (
-            run["model"], False, run["epochs"], run["run_dir"])
-        groups.setdefault(key, []).append(run)
-    order = sorted(groups, key=lambda key: (model_order_key(key[0], model_names), not key[1],
-                                            key[2], key[3]))
-    rows = []
-    for key in order:
-        members = sorted(groups[key], key=lambda run: run["run_dir"])
-        row = {
-            "model": key[0],
-            "run_dirs": ";".join(run["run_dir"] for run in members),
-            "tags": [run["tag"] for run in members],
-            "runs": len(members),
-            "finished": key[1],
-            "parameters": next((run["parameters"] for run in members if run["parameters"]), None),
-            "flops": next((run["flops"] for run in members if run["flops"]), None),
-            "epochs": key[2],
-            "planned_epochs": members[0]["planned_epochs"],
-            "validation": sorted({str(run["validation"]) for run in members if run["validation"]}),
-            "members": members,
-        }
-        for field in AVERAGED_FIELDS:
-            values = [run[field] for run in members if run[field] is not None]
-            row[field] = float(np.mean(values)) if values else None
-            # Sample standard deviation (ddof=1): the runs are a sample of what the recipe gives.
-            row[f"{field}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
-        rows.append(row)
-    return rows
-
-
-def _csv_value(value: object) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, float):
-        return f"{value:.10g}"
-    return str(value)
-
-
-def summary_csv(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(SUMMARY_CSV_COLUMNS)
-    for row in rows:
-        writer.writerow([_csv_value(row[column]) for column in SUMMARY_CSV_COLUMNS])
-    return buffer.getvalue()
-
-
-def _count(value: int | None) -> str:
-    if value is None:
-        return ""
-    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if value >= limit:
-            return f"{value / limit:.2f}{suffix}"
-    return str(value)
-
-
-def _mean_std(row: dict, field: str, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
-    mean, std = row[field], row[f"{field}_std"]
-    if mean is None:
-        return ""
-    if std is None:
-        return f"{scale * mean:.{digits}f}{unit}"
-    return f"{scale * mean:.{digits}f} \u00b1 {scale * std:.{digits}f}{unit}"
-
-
-def run_label(row: dict) -> str:
-    """The model; for an unfinished run its folder and progress instead."""
-    if row["finished"]:
-        return row["model"]
-    progress = str(row["epochs"]) + (f"/{row['planned_epochs']}" if row["planned_epochs"] else "")
-    return f"{row['run_dirs']} (unfinished, {progress} epochs)"
-
-
-# The columns of summary.md (and of the HTML report's table), one cell each per summary row.
-SUMMARY_COLUMNS = ("model", "runs", "parameters", "FLOPs", "epochs", "train acc",
-                   "best valid acc (epoch)", "test acc", "final test acc", "train loss",
-                   "valid loss", "s/epoch")
-
-
-def summary_cells(row: dict) -> list[tuple[str, object]]:
-    """(text, sort key) per SUMMARY_COLUMNS column of one summary row; the model's sort key is empty
-    (its order is the registry's, the rows' own)."""
-    tags = [tag if tag else "untagged" for tag in row["tags"]]
-    run_cell = str(row["runs"]) + (f" ({', '.join(map(str, tags))})" if any(row["tags"]) else "")
-    epochs = [run["best_epoch"] for run in row["members"]]
-    best_epochs = str(min(epochs)) + (f"\u2013{max(epochs)}" if max(epochs) != min(epochs) else "")
-    return [
-        (run_label(row), ""),
-        (run_cell, row["runs"]),
-        (_count(row["parameters"]), row["parameters"]),
-        (_count(row["flops"]), row["flops"]),
-        (str(row["epochs"]), row["epochs"]),
-        (_mean_std(row, "train_acc", 100, unit="%"), row["train_acc"]),
-        (f"{_mean_std(row, 'best_val_acc', 100, unit='%')} ({best_epochs})", row["best_val_acc"]),
-        (_mean_std(row, "test_acc", 100, unit="%"), row["test_acc"]),
-        (_mean_std(row, "final_test_acc", 100, unit="%"), row["final_test_acc"]),
-        (_mean_std(row, "train_loss", digits=4), row["train_loss"]),
-        (_mean_std(row, "val_loss", digits=4), row["val_loss"]),
-        (_mean_std(row, "seconds_per_epoch", digits=1), row["seconds_per_epoch"]),
-    ]
-
-
-def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
-    lines = [
-        f"# {pretty_dataset(dataset_name)} results",
-        "",
-        "| " + " | ".join(SUMMARY_COLUMNS) + " |",
-        "|---|" + "---:|" * (len(SUMMARY_COLUMNS) - 1),
-    ]
-    for row in rows:
-        lines.append("| " + " | ".join(text for text, _ in summary_cells(row)) + " |")
-    lines += [
-        "",
-        "- Train accuracy and the losses are from the last recorded epoch; best valid accuracy is "
-        "the highest over epochs, with its epoch; when a run finishes it measures the test accuracy "
-        "of the weights of that best epoch (test acc) and of the last epoch (final test acc).",
-        "- Rows with several runs (e.g. seeds given as `--tag`) show mean \u00b1 sample standard "
-        "deviation (ddof=1) over the runs; a row of one run shows no \u00b1.",
-    ]
-    if any("test" in row["validation"] for row in rows):
-        lines.append("- Some runs validate on the test set (`validation: test` in config.json): "
-                     "their best valid accuracy was picked on the test set, so it is optimistic.")
-    if not all(row["finished"] for row in rows):
-        lines.append("- Unfinished runs show their last recorded epoch and no test accuracy.")
-    return "\n".join(lines) + "\n"
-
-
 def model_colors(models: list[str]) -> dict[str, tuple]:
     """One colour per model: the family's colour map (from the registry), the depth rank the shade;
     models the registry does not know share one colour map."""
-    from model import FAMILIES, MODELS
     family = {model: MODELS[model].family if model in MODELS else None for model in models}
     colors = {}
     for name in dict.fromkeys(family.values()):
         members = [model for model in models if family[model] == name]
-        cmap = colormaps[FAMILIES.get(name, UNKNOWN_FAMILY_COLORMAP)]
+        cmap = colormaps[FAMILY_COLORMAPS.get(name, UNKNOWN_FAMILY_COLORMAP)]
         # Shades from 0.45 to 0.95 of the map: lighter ones vanish on white.
         shades = np.linspace(0.45, 0.95, len(members)) if len(members) > 1 else [0.8]
         for model, shade in zip(members, shades):
@@ -403,7 +219,7 @@ def _draw_best_accuracy_bars(axes, rows: list[dict], colors: dict[str, tuple]) -
             bar.set_edgecolor("white")
     tick_labels = []
     for row in rows:
-        details = [f"{_count(row['parameters'])} params"] if row["parameters"] else []
+        details = [f"{count_text(row['parameters'])} params"] if row["parameters"] else []
         details += [f"{row['runs']} runs"] if row["runs"] > 1 else []
         if not row["finished"]:
             planned = f"/{row['planned_epochs']}" if row["planned_epochs"] else ""
@@ -452,18 +268,9 @@ def summarize_dataset(dataset_dir: str | Path, index_link: bool | None = None) -
     Folders without a usable metrics.csv are reported on stderr and left out; PlotError if no run
     is left.
     """
-    import report  # here, not at the top: report imports this module
     dataset_dir = Path(dataset_dir)
-    model_names = known_model_names()
-    records = []
-    for run_dir in sorted(path for path in dataset_dir.iterdir() if path.is_dir()):
-        if not (run_dir / runs.METRICS_FILE).is_file():
-            warn(f"skipping {run_dir}: no metrics.csv")
-            continue
-        try:
-            records.append(read_run(run_dir, model_names))
-        except RunFileError as err:
-            warn(f"skipping {err}")
+    model_names = list(MODELS)
+    records = read_runs(dataset_dir, model_names)
     if not records:
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
     rows = group_runs(records, model_names)
@@ -479,7 +286,7 @@ def summarize_dataset(dataset_dir: str | Path, index_link: bool | None = None) -
 
 
 def _has_runs(folder: Path) -> bool:
-    return any((child / runs.METRICS_FILE).is_file() for child in folder.iterdir() if child.is_dir())
+    return any((child / METRICS_FILE).is_file() for child in folder.iterdir() if child.is_dir())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -489,42 +296,42 @@ def main(argv: list[str] | None = None) -> int:
                         help="a run folder (results/cifar10/cnn_resnet18), a dataset folder "
                              "(results/cifar10) or the results root (results)")
     args = parser.parse_args(argv)
-    path: Path = args.path
+    return run_command(lambda: plot_path(args.path))
+
+
+def plot_path(path: Path) -> int:
+    """What `python plot.py PATH` does for a run folder, a dataset folder or the results root."""
+    if not path.is_dir():
+        raise PlotError(f"{path}: no such folder; give a run folder, a dataset folder or the results root")
     try:
-        if not path.is_dir():
-            raise PlotError(f"{path}: no such folder; give a run folder, a dataset folder or the "
-                            "results root")
-        if (path / runs.METRICS_FILE).is_file():
+        if (path / METRICS_FILE).is_file():
             print(plot_curves(path))
-            return 0
-        if _has_runs(path):
+        elif _has_runs(path):
             summarize_dataset(path)
             print(path / SUMMARY_MD_FILE)
-            return 0
-        dataset_dirs = sorted(child for child in path.iterdir()
-                              if child.is_dir() and _has_runs(child))
-        if not dataset_dirs:
-            raise PlotError(f"{path}: nothing to plot (no metrics.csv in it, in its folders or in "
-                            "theirs); give a run folder, a dataset folder or the results root")
-        summaries = {}
-        for dataset_dir in dataset_dirs:
-            try:
-                summaries[dataset_dir] = summarize_dataset(dataset_dir, index_link=True)
-                print(dataset_dir / SUMMARY_MD_FILE)
-            except PlotError as err:
-                warn(str(err))
-        if not summaries:
-            raise PlotError(f"{path}: no dataset folder had a usable run")
-        import report  # here, not at the top: report imports this module
-        print(report.write_index(path, summaries))
-        return 0
-    except (PlotError, RunFileError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        else:
+            print(summarize_results(path))
     except runs.WriteFailed as err:
-        print(f"error: {err}; the files written before are complete; free space and run it again",
-              file=sys.stderr)
-        return 1
+        raise RunFailed(f"{err}; the files written before are complete; free space and run it again") from None
+    return 0
+
+
+def summarize_results(path: Path) -> Path:
+    """Every dataset folder of a results root, then the root's index.html; its path."""
+    dataset_dirs = sorted(child for child in path.iterdir() if child.is_dir() and _has_runs(child))
+    if not dataset_dirs:
+        raise PlotError(f"{path}: nothing to plot (no metrics.csv in it, in its folders or in "
+                        "theirs); give a run folder, a dataset folder or the results root")
+    summaries = {}
+    for dataset_dir in dataset_dirs:
+        try:
+            summaries[dataset_dir] = summarize_dataset(dataset_dir, index_link=True)
+            print(dataset_dir / SUMMARY_MD_FILE)
+        except PlotError as err:
+            runs.warn(str(err))
+    if not summaries:
+        raise PlotError(f"{path}: no dataset folder had a usable run")
+    return report.write_index(path, summaries)
 
 
 if __name__ == "__main__":

@@ -4,31 +4,43 @@ The pages open from the file system and can be zipped and sent: every link is re
 fetched (no external CSS, scripts or fonts) and images are linked only when the file is there.
 Everything taken from the run files (model names, tags, class names, paths, any JSON string) goes
 through html.escape, so a crafted class name or tag shows as text instead of running as markup.
-The summary table is plot.py's (same rows, same cells); a few lines of inline script sort it by a
-clicked column header, and without script it reads in summary.md's order.
+The summary table is summary.py's (same rows, columns and footnotes as summary.md); a few lines of inline
+script sort it by a clicked column header, and without script it reads in summary.md's order. The settings
+shown per run are the flags cli.py declares as reported, as config.json holds them.
 """
 from __future__ import annotations
 
 import base64
 import hashlib
 import json
-import math
 import os
 import re
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-import plot
 import runs
-from runs import (CONFIG_FILE, CONFUSION_FILE, CURVES_FILE, EVAL_FILE, SUMMARY_FILE,
-                  write_text)
+from cli import REPORTED_FLAGS
+from run_files import (
+    COMPARISON_FILE,
+    CONFIG_FILE,
+    CONFUSION_FILE,
+    CURVES_FILE,
+    EVAL_FILE,
+    PAGE_FILE,
+    SUMMARY_CSV_FILE,
+    SUMMARY_FILE,
+    SUMMARY_MD_FILE,
+    Evaluation,
+    Summary,
+    as_number,
+)
+from runs import write_text
+from summary import TABLE_COLUMNS, pretty_dataset, table_notes
 
-PAGE_FILE = "index.html"  # the page of a dataset folder, and of the results root
-# The settings a reader compares between runs, in this order, when config.json has them.
-SETTINGS = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "label_smoothing",
-            "warmup_epochs", "aug", "seed", "tag", "val_size", "validation", "subset", "device",
-            "gpu_name", "amp", "channels_last", "compile", "world_size", "torch_version")
+# The settings a reader compares between runs, in this order, when config.json has them: the reported
+# flags, then what the run found (validation set, GPU, processes, torch version).
+SETTINGS = REPORTED_FLAGS + ("validation", "gpu_name", "world_size", "torch_version")
 STYLE = """
 body { font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 1300px; padding: 0 1em;
        color: #222; }
@@ -88,14 +100,8 @@ def _href(path: str) -> str:
     return escape(quote(path), quote=True)
 
 
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _percent(value: object) -> str:
-    number = _number(value)
+    number = as_number(value)
     return "" if number is None else f"{100 * number:.2f}%"
 
 
@@ -130,16 +136,16 @@ def _run_ids(rows: list[dict]) -> dict[str, str]:
 
 
 def _summary_table(rows: list[dict], run_ids: dict[str, str]) -> str:
-    headers = "".join(f'<th scope="col">{escape(name)}</th>' for name in plot.SUMMARY_COLUMNS)
+    headers = "".join(f'<th scope="col">{escape(column.header)}</th>' for column in TABLE_COLUMNS)
     lines = ['<div class="scroll"><table class="sortable" id="summary">',
              f"<thead><tr>{headers}</tr></thead>", "<tbody>"]
     for position, row in enumerate(rows):
         cells = []
-        for column, (text, key) in enumerate(plot.summary_cells(row)):
-            key = position if column == 0 else key
-            sort_key = "" if key is None or key == "" else str(key)
-            content = escape(text)
-            if column == 0:  # the model links to its (first) run below
+        for index, column in enumerate(TABLE_COLUMNS):
+            key = position if column.sort_by is None else row[column.sort_by]
+            sort_key = "" if key is None else str(key)
+            content = escape(column.text(row))
+            if index == 0:  # the model links to its (first) run below
                 content = f'<a href="#{run_ids[row["members"][0]["run_dir"]]}">{content}</a>'
             cells.append(f'<td data-sort="{escape(sort_key)}">{content}</td>')
         lines.append("<tr>" + "".join(cells) + "</tr>")
@@ -163,15 +169,15 @@ def _settings_list(config: dict) -> str:
     return '<dl class="settings">' + "".join(items) + "</dl>"
 
 
-def _results_lines(run: dict, summary: dict) -> str:
+def _results_lines(run: dict, summary: Summary | None) -> str:
     planned = f"/{run['planned_epochs']}" if run.get("planned_epochs") else ""
     status = "finished" if run["finished"] else "unfinished"
     items = [f"{status}, {run['epochs']}{planned} epochs",
              f"best valid accuracy {_percent(run['best_val_acc'])} (epoch {run['best_epoch']})"]
-    if _number(summary.get("test_acc")) is not None:
-        items.append(f"test accuracy {_percent(summary['test_acc'])} (best.pt, epoch "
-                     f"{summary.get('best_epoch', run['best_epoch'])}), "
-                     f"{_percent(summary.get('final_test_acc'))} (final weights)")
+    if summary is not None and as_number(summary.test_acc) is not None:
+        items.append(f"test accuracy {_percent(summary.test_acc)} (best.pt, epoch "
+                     f"{run['best_epoch'] if summary.best_epoch is None else summary.best_epoch}), "
+                     f"{_percent(summary.final_test_acc)} (final weights)")
     else:
         items.append("no test accuracy in summary.json" if run["finished"]
                      else "no test accuracy yet (the run has not finished)")
@@ -179,18 +185,18 @@ def _results_lines(run: dict, summary: dict) -> str:
 
 
 def _evaluation(run_dir: Path, name: str) -> str:
-    evaluation = runs.read_json(run_dir / EVAL_FILE) or {}
-    if not evaluation:
-        return '<p class="muted">not evaluated (no eval.json; run it with --eval-only)</p>'
-    epoch = evaluation.get("checkpoint_epoch")
-    line = (f"top-1 {_percent(evaluation.get('top1'))}, top-5 {_percent(evaluation.get('top5'))}, "
-            f"mirror TTA {'on' if evaluation.get('tta') is True else 'off'}"
+    evaluation = runs.read_record(run_dir / EVAL_FILE, Evaluation)
+    if evaluation is None:
+        return '<p class="muted">not evaluated (no usable eval.json; run it with --eval-only)</p>'
+    epoch = evaluation.checkpoint_epoch
+    line = (f"top-1 {_percent(evaluation.test_acc)}, top-5 {_percent(evaluation.test_top5)}, "
+            f"mirror TTA {'on' if evaluation.tta is True else 'off'}"
             + (f", checkpoint of epoch {epoch}" if epoch is not None else "")
-            + (f", {evaluation['images']} images" if "images" in evaluation else ""))
+            + (f", {evaluation.images} images" if evaluation.images is not None else ""))
     parts = [f"<p>{escape(line)}</p>",
              _image(run_dir / CONFUSION_FILE, f"{name}/{CONFUSION_FILE}",
                     f"confusion matrix of {name}", "no confusion_matrix.png")]
-    per_class = evaluation.get("per_class")
+    per_class = evaluation.per_class
     if isinstance(per_class, dict) and per_class:
         rows = "".join(f"<tr><td>{escape(str(class_name))}</td><td>{_percent(accuracy)}</td></tr>"
                        for class_name, accuracy in per_class.items())
@@ -207,7 +213,7 @@ def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:
         f'<section class="run" id="{run_id}">',
         f'<h3>{escape(name)} <a class="muted" href="#summary">(back to the table)</a></h3>',
         '<div class="columns"><div>',
-        _results_lines(run, runs.read_json(run_dir / SUMMARY_FILE) or {}),
+        _results_lines(run, runs.read_record(run_dir / SUMMARY_FILE, Summary)),
         _settings_list(runs.read_json(run_dir / CONFIG_FILE) or {}),
         "</div><div>",
         _image(run_dir / CURVES_FILE, f"{name}/{CURVES_FILE}", f"curves of {name}",
@@ -223,16 +229,16 @@ def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:
 
 
 def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | None = None) -> Path:
-    """Write <dataset_dir>/index.html from plot.group_runs' rows; returns its path.
+    """Write <dataset_dir>/index.html from summary.group_runs' rows; returns its path.
 
     index_link: link back to ../index.html; None links it when that file exists already.
     """
     dataset_dir = Path(dataset_dir)
-    title = f"{plot.pretty_dataset(dataset_dir.name)} results"
+    title = f"{pretty_dataset(dataset_dir.name)} results"
     if index_link is None:
         index_link = (dataset_dir.parent / PAGE_FILE).is_file()
     run_ids = _run_ids(rows)
-    files = [f'<a href="{_href(file)}">{escape(file)}</a>' for file in (plot.SUMMARY_MD_FILE, plot.SUMMARY_CSV_FILE)
+    files = [f'<a href="{_href(file)}">{escape(file)}</a>' for file in (SUMMARY_MD_FILE, SUMMARY_CSV_FILE)
              if (dataset_dir / file).is_file()]
     body = ['<p><a href="../index.html">all datasets</a></p>' if index_link else "",
             f"<h1>{escape(title)}</h1>",
@@ -241,7 +247,7 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
             + (f" The same table as {', '.join(files)}." if files else "") + "</p>",
             _summary_table(rows, run_ids),
             _summary_notes(rows),
-            _image(dataset_dir / plot.COMPARISON_FILE, plot.COMPARISON_FILE, "comparison of the models",
+            _image(dataset_dir / COMPARISON_FILE, COMPARISON_FILE, "comparison of the models",
                    "no comparison.png"),
             "<h2>Runs</h2>"]
     body += [run_section(dataset_dir, run, run_ids[run["run_dir"]])
@@ -252,19 +258,15 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
 
 
 def _summary_notes(rows: list[dict]) -> str:
-    notes = ["Several runs of one model (seeds given as <code>--tag</code>) are one row with mean "
-             "\u00b1 sample standard deviation; test acc is of best.pt, final test acc of the last "
-             "epoch's weights."]
-    if any("test" in row["validation"] for row in rows):
-        notes.append("Some runs validate on the test set (validation: test): their best valid "
-                     "accuracy was picked on it and is optimistic.")
+    """summary.md's footnotes, with their `code` as <code>."""
+    notes = [re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(note)) for note in table_notes(rows)]
     return "<ul>" + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
 
 
 def _dataset_line(rows: list[dict]) -> str:
     """How many runs the dataset has and its best test accuracy, from its summary rows."""
     line = f"{sum(row['runs'] for row in rows)} runs of {len({row['model'] for row in rows})} models"
-    scored = [(row["test_acc"], row["model"]) for row in rows if _number(row["test_acc"]) is not None]
+    scored = [(row["test_acc"], row["model"]) for row in rows if as_number(row["test_acc"]) is not None]
     if scored:
         accuracy, model = max(scored)
         line += f"; best test accuracy {100 * accuracy:.2f}% ({model})"
@@ -281,13 +283,13 @@ def write_index(results_root: Path, summaries: dict[Path, list[dict]]) -> Path:
     for dataset_dir, rows in summaries.items():
         dataset_dir = Path(dataset_dir)
         folder = Path(os.path.relpath(dataset_dir, results_root)).as_posix()
-        title = plot.pretty_dataset(dataset_dir.name)
+        title = pretty_dataset(dataset_dir.name)
         page = _href(f"{folder}/{PAGE_FILE}")
         line = _dataset_line(rows)
         body.append(f'<li><a href="{page}">{escape(title)}</a>'
                     + (f": {escape(line)}" if line else "") + "</li>")
         figures += [f'<h2><a href="{page}">{escape(title)}</a></h2>',
-                    _image(dataset_dir / plot.COMPARISON_FILE, f"{folder}/{plot.COMPARISON_FILE}",
+                    _image(dataset_dir / COMPARISON_FILE, f"{folder}/{COMPARISON_FILE}",
                            f"comparison of the models on {title}", "no comparison.png")]
     body += ["</ul>", *figures]
     path = results_root / PAGE_FILE

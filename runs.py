@@ -1,5 +1,6 @@
-"""The run folder, results/<dataset>/<model>[-<tag>]/: its file names, how each file is written and read,
-checkpoints, the rules for resuming, the saved random-number state and the log.
+"""The run folder, results/<dataset>/<model>[-<tag>]/: how its files are written and read (their shapes are
+declared in run_files.py), checkpoints, whether a run may start or resume, the folder's lock, the saved
+random-number state and the log.
 
 train.py writes run folders and plot.py reads them, both through this module. Every file is written to a
 temporary file in the same folder and renamed over the old one, so a crash at any moment leaves the previous
@@ -8,9 +9,7 @@ only by the functions that save or load checkpoints and random-number state.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import fcntl
 import io
 import json
@@ -23,36 +22,21 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from errors import UsageError
-
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.csv"
-LOG_FILE = "log.txt"
-CURVES_FILE = "curves.png"
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
-SUMMARY_FILE = "summary.json"
-EVAL_FILE = "eval.json"
-CONFUSION_FILE = "confusion_matrix.png"
-LOCK_FILE = ".lock"  # held (flock) by the one process that trains or evaluates into the folder
-TEMP_MARK = ".tmp"  # in the names of the temporary files that writes go through
-# Files that describe a finished state of the run; a run that trains on removes them at its first new epoch.
-END_OF_RUN_FILES = (SUMMARY_FILE, EVAL_FILE, CONFUSION_FILE)
-
-# The columns of metrics.csv, in this order.
-METRIC_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
-                  "epoch_seconds")
-# Flags that define what a run computes: on --resume they come from the saved run, and a different
-# value typed on the command line is refused (only --epochs may grow).
-RECIPE_FLAGS = ["batch_size", "seed", "lr", "momentum", "weight_decay", "label_smoothing",
-                "warmup_epochs", "val_size", "aug", "subset", "sync_bn"]
+from errors import RunFailed, UsageError
+from run_files import (
+    LAST_CHECKPOINT,
+    LOCK_FILE,
+    LOG_FILE,
+    METRICS_FILE,
+    TEMP_MARK,
+    LastCheckpoint,
+    Record,
+    RunFileError,
+    metrics_csv,
+)
 
 
-class RunFileError(Exception):
-    """A run file that cannot be read as what it should be; str() is one line naming the file."""
-
-
-class WriteFailed(Exception):
+class WriteFailed(RunFailed):
     """A run file could not be written (no space left, quota, I/O error, folder gone); the file keeps its
     previous complete version and no temporary file is left. str() is one line naming the file and why."""
 
@@ -114,11 +98,7 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def write_metrics(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
+    write_text(path, metrics_csv(rows))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -132,30 +112,6 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Reading
-
-
-def read_metrics(path: Path) -> dict[str, np.ndarray]:
-    """Columns of a metrics.csv as float arrays; RunFileError (naming the file) if it is malformed."""
-    try:
-        with open(path, newline="") as metrics_file:
-            reader = csv.DictReader(metrics_file)
-            missing = [name for name in METRIC_COLUMNS if name not in (reader.fieldnames or [])]
-            if missing:
-                raise RunFileError(f"{path}: missing columns {', '.join(missing)}")
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise RunFileError(f"{path}: cannot be read ({err})") from None
-    if not rows:
-        raise RunFileError(f"{path}: no epochs recorded")
-    columns: dict[str, list[float]] = {name: [] for name in METRIC_COLUMNS}
-    for line_number, row in enumerate(rows, start=2):
-        for name in METRIC_COLUMNS:
-            try:
-                columns[name].append(float(row[name]))
-            except (TypeError, ValueError):
-                raise RunFileError(f"{path}: line {line_number}: {name} is not a number "
-                                   f"({row[name]!r})") from None
-    return {name: np.array(values) for name, values in columns.items()}
 
 
 def read_json(path: Path) -> dict | None:
@@ -173,6 +129,13 @@ def read_json(path: Path) -> dict | None:
     return content
 
 
+def read_record(path: Path, declared: type[Record]) -> Record | None:
+    """A declared JSON file (run_files.py) of any version, for reports: None when it is absent or not a JSON
+    object (reported); a field it lacks reads as None."""
+    content = read_json(path)
+    return None if content is None else declared.from_dict(content, path, partial=True)
+
+
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
@@ -186,19 +149,11 @@ def load_checkpoint(path: Path) -> dict:
                          "restore it or start over with --overwrite") from None
 
 
-def best_weights(state_dict: dict, config: dict, epoch: int, val_acc: float) -> dict:
-    """best.pt: the weights plus what evaluating them needs (model, classes, normalization)."""
-    return {"model": state_dict, "model_name": config["model"],
-            "dataset": config["dataset"], "num_classes": config["num_classes"],
-            "mean": config["mean"], "std": config["std"], "epoch": epoch,
-            "val_acc": val_acc, "classes": config["classes"]}
-
-
 # ---------------------------------------------------------------------------------------------------
 # Starting and resuming
 
 
-def check_run_folder(run_dir: Path, args: argparse.Namespace) -> dict | None:
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> LastCheckpoint | None:
     """Decide, writing nothing, whether this run may start; returns last.pt when resuming."""
     existing = run_dir
     while not existing.exists() and existing != existing.parent:
@@ -211,19 +166,27 @@ def check_run_folder(run_dir: Path, args: argparse.Namespace) -> dict | None:
                          "--results-dir")
     last = run_dir / LAST_CHECKPOINT
     has_run = last.exists() or (run_dir / METRICS_FILE).exists()
-    if has_run and not (args.resume or args.overwrite):
+    if has_run and not (resume or overwrite):
         raise UsageError(f"{run_dir} already holds a run: pass --resume to continue it or "
                          "--overwrite to start over (or another --tag)")
-    if args.resume and not last.exists():
+    if resume and not last.exists():
         raise UsageError(f"--resume: there is no {last} to continue; drop --resume "
                          "to start this run")
-    if not args.resume:
+    if not resume:
         return None
     checkpoint = load_checkpoint(last)
-    if not isinstance(checkpoint, dict) or "config" not in checkpoint:
-        raise UsageError(f"{last} is not a last.pt of this project; "
-                         "start over with --overwrite")
-    return checkpoint
+    try:
+        return LastCheckpoint.from_dict(checkpoint if isinstance(checkpoint, dict) else {}, last)
+    except (RunFileError, TypeError):
+        raise UsageError(f"{last} is not a last.pt of this project; start over with --overwrite") from None
+
+
+def what_is_kept(run_dir: Path, saved_epochs: int) -> str:
+    """The end of the one line a failed write prints: what the folder still holds and how to go on."""
+    if saved_epochs == 0:
+        return "no epoch was saved; free space, then run the same command again"
+    return (f"{LAST_CHECKPOINT} holds epoch {saved_epochs}; free space, then continue with the same "
+            "command and --resume")
 
 
 def folder_state(run_dir: Path) -> tuple:
@@ -243,24 +206,6 @@ def check_unchanged(run_dir: Path, checked: tuple) -> None:
     if folder_state(run_dir) != checked:
         raise UsageError(f"{run_dir} changed while this run was starting (another process wrote to it); "
                          "run the command again")
-
-
-def reconcile_resume(args: argparse.Namespace, saved: dict, given: set[str], dataset: str) -> None:
-    """Take the run's recipe from its last.pt; refuse a typed flag that would change it."""
-    if saved["model"] != args.model or saved["dataset"] != dataset:
-        raise UsageError(f"last.pt in this folder is a {saved['dataset']} {saved['model']} run, not "
-                         f"{dataset} {args.model}; pick the matching --model or --overwrite")
-    for name in RECIPE_FLAGS:
-        flag = "--" + name.replace("_", "-")
-        if name in given and getattr(args, name) != saved[name]:
-            raise UsageError(f"--resume cannot change {flag} (the run used {saved[name]}, got "
-                             f"{getattr(args, name)}); drop the flag or start over with --overwrite")
-        setattr(args, name, saved[name])
-    if args.epochs < saved["epochs"] and "epochs" in given:
-        raise UsageError(f"--resume can raise --epochs but not lower it (the run has "
-                         f"{saved['epochs']}); drop the flag or start over with --overwrite")
-    if "epochs" not in given:
-        args.epochs = saved["epochs"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,18 +15,12 @@ import shutil
 from pathlib import Path
 
 from errors import UsageError
+from run_files import TENSORBOARD_TAGS
 
 TENSORBOARD_DIR = "tensorboard"
-# metrics.csv column -> TensorBoard tag. Train and valid share a section ("loss/", "accuracy/").
-SCALAR_TAGS = {
-    "train_loss": "loss/train",
-    "val_loss": "loss/valid",
-    "train_acc": "accuracy/train",
-    "val_acc": "accuracy/valid",
-    "val_top5": "accuracy/valid_top5",
-    "lr": "learning_rate",
-    "epoch_seconds": "epoch_seconds",
-}
+# metrics.csv column -> TensorBoard tag, declared with the columns. Train and valid share a section
+# ("loss/", "accuracy/").
+SCALAR_TAGS = TENSORBOARD_TAGS
 
 
 class TensorBoardMissing(UsageError):

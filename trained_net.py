@@ -15,9 +15,7 @@ from torch import nn
 
 from errors import UsageError
 from model import build_model
-
-# What a best.pt of this project holds besides newer, optional keys such as "classes".
-CHECKPOINT_KEYS = ("model", "model_name", "num_classes", "mean", "std")
+from run_files import BestCheckpoint, RunFileError
 
 
 class CheckpointError(UsageError, ValueError):
@@ -66,10 +64,12 @@ def load_trained(path: str | Path, model_name: str | None = None,
     except Exception as err:  # any unreadable file: truncated, not a checkpoint, wrong format
         raise CheckpointError(f"{path} is not a readable checkpoint ({type(err).__name__}); "
                               "pass a best.pt of this project") from None
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in CHECKPOINT_KEYS):
+    try:
+        best = BestCheckpoint.from_dict(checkpoint if isinstance(checkpoint, dict) else {}, path)
+    except (RunFileError, TypeError):
         raise CheckpointError(f"{path} is not a best.pt of this project (a last.pt, or another "
-                              "program's file?); pass the run's best.pt")
-    saved_model, saved_classes = checkpoint["model_name"], checkpoint["num_classes"]
+                              "program's file?); pass the run's best.pt") from None
+    saved_model, saved_classes = best.model_name, best.num_classes
     if model_name is not None and saved_model != model_name:
         raise CheckpointError(f"{path} holds a {saved_model}, not {model_name}; ask for "
                               f"{saved_model} (--model {saved_model})")
@@ -83,9 +83,8 @@ def load_trained(path: str | Path, model_name: str | None = None,
         raise CheckpointError(f"{path} holds a {saved_model}, which this version of the project "
                               "does not know; update the project or pass another best.pt") from None
     try:
-        net.load_state_dict(checkpoint["model"])
+        net.load_state_dict(best.model)
     except RuntimeError:  # missing, extra or differently shaped weights
         raise CheckpointError(f"{path}: its weights do not fit this version's {saved_model}; "
                               "pass a best.pt made by this version of the project") from None
-    return NormalizedNet(net, checkpoint["mean"], checkpoint["std"], checkpoint.get("classes"),
-                         checkpoint.get("epoch")).eval()
+    return NormalizedNet(net, best.mean, best.std, best.classes, best.epoch).eval()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import statistics
 import sys
@@ -16,9 +17,12 @@ import sys
 import numpy as np
 import torch
 
-from common import machine, seconds  # bench/ is on sys.path as the script's own folder
-from batches import AUGMENTATIONS, TrainBatches, channel_stats
-from cifar import DataError
+from common import machine, seconds
+
+# isort: split
+# The project's modules, after common: importing it puts the repository root on sys.path.
+from batches import AUGMENTATIONS, BatchOptions, TrainBatches, channel_stats
+from errors import run_command
 from load_data_cifar10 import load_cifar10
 
 
@@ -30,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is shown (default: 5)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     args = parser.parse_args(argv)
+    return run_command(lambda: benchmark(args))
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """Prints the times of loading the dataset and of one epoch of each augmentation; a DataError (a UsageError)
+    when the dataset is not in --data-dir."""
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -37,12 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine(device)}; device {device}")
     print(f"versions: torch {torch.__version__}, numpy {np.__version__}, python {platform.python_version()}; "
           f"{datetime.datetime.now().isoformat(timespec='minutes')}")
-    try:
-        load_times = [seconds(lambda: load_cifar10(args.data_dir, download=False), torch.device("cpu"))
-                      for _ in range(args.repeats)]
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    load_times = [seconds(lambda: load_cifar10(args.data_dir, download=False), torch.device("cpu"))
+                  for _ in range(args.repeats)]
     data = load_cifar10(args.data_dir, download=False)
     print(f"load CIFAR-10 from {args.data_dir}: median {statistics.median(load_times):.3f} s of {args.repeats} "
           f"(first {load_times[0]:.3f})")
@@ -50,20 +56,20 @@ def main(argv: list[str] | None = None) -> int:
     mean, std = channel_stats(data.train_images)
     print(f"one epoch of batches ({len(data.train_labels)} images, batch {args.batch_size}):")
     for aug in AUGMENTATIONS:
-        batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, mean, std, aug=aug,
-                               device=device)
-
-        def one_epoch() -> None:
-            for _ in batches:
-                pass
-
+        options = BatchOptions(mean, std, device=device)
+        batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, options, aug=aug)
         epoch_times = []
         for epoch in range(args.repeats + 1):
             batches.set_epoch(epoch)
-            epoch_times.append(seconds(one_epoch, device))
+            epoch_times.append(seconds(functools.partial(one_epoch, batches), device))
         print(f"  {aug:17s} median {statistics.median(epoch_times[1:]):.3f} s of {args.repeats} "
               f"(min {min(epoch_times[1:]):.3f}, max {max(epoch_times[1:]):.3f}; first epoch {epoch_times[0]:.3f})")
     return 0
+
+
+def one_epoch(batches: TrainBatches) -> None:
+    for _ in batches:
+        pass
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
                                  [--warmup N] [--steps N] [--variants fp32,...] [--compile] [--out PATH.json]
 
 Measures the models, not the data: every step gets the same batch of random images, already on the device.
-A training step is bench_pipeline.py's (and so train.py's: SGD with Nesterov momentum, cross-entropy); an
+A training step is train.py's own (Optimization.step of optimization.py, with the model's default recipe: SGD
+with Nesterov momentum, the warmup and cosine schedule of a run at this batch size, cross-entropy); an
 evaluation step is a forward pass without gradients in eval mode. Each model is built afresh for every variant:
   fp32                         plain float32, NCHW
   channels_last                float32, model and inputs channels_last
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -31,11 +33,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from common import (check_out, describe_run, fresh_model, print_run, save_results, set_up_device, split_names,
-                    synchronize, train_step)  # bench/ is on sys.path as the script's own folder
-from devices import DEVICE_CHOICES, autocast, pick_device
-from errors import UsageError
-from load_data_cifar10 import NUM_CLASSES
+from common import check_out, describe_run, fresh_model, print_run, save_results, split_names, synchronize
+
+# isort: split
+# The project's modules, after common: importing it puts the repository root on sys.path.
+from devices import DEVICE_CHOICES, autocast, pick_device, set_up_backends
+from errors import UsageError, run_command
+from load_data_cifar10 import CIFAR10, NUM_CLASSES
 from model import MODELS, build_model, count_flops, count_parameters
 
 
@@ -113,14 +117,16 @@ def measure(name: str, variant: Variant, args: argparse.Namespace, device: torch
     if variant.compile:
         torch.compiler.reset()  # the zoo's models share forward code; without this they exhaust dynamo's cache
     in_use_before = start_memory(device)
-    net, optimizer = fresh_model(name, device, variant.channels_last)
+    # The schedule of a run at this batch size: a CIFAR-10 epoch's steps.
+    steps_per_epoch = math.ceil(CIFAR10.train_size / args.batch_size)
+    net, optimization = fresh_model(name, device, variant.channels_last, variant.amp_dtype, steps_per_epoch)
     model: nn.Module = torch.compile(net) if variant.compile else net
     memory_format = torch.channels_last if variant.channels_last else torch.contiguous_format
     generator = torch.Generator().manual_seed(0)
     inputs = torch.randn(args.batch_size, 3, 32, 32, generator=generator).to(device, memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=generator).to(device)
 
-    train_rate = images_per_second(lambda: train_step(model, optimizer, inputs, labels, variant.amp_dtype),
+    train_rate = images_per_second(lambda: optimization.step(model, inputs, labels),
                                    args.batch_size, args.warmup, args.steps, device)
     peak = peak_memory(device, in_use_before)
 
@@ -191,37 +197,46 @@ def print_row(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    try:
-        device = pick_device(args.device, 0)
-        names, variants = settle_arguments(args, device)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    set_up_device(device)
+    return run_command(lambda: benchmark(args))
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """Prints the table row by row as models are measured; a UsageError for bad flags or --out."""
+    device = pick_device(args.device, 0)
+    names, variants = settle_arguments(args, device)
+    set_up_backends(device, False)
     run = describe_run(device)
     run.update(batch_size=args.batch_size, warmup_steps=args.warmup, timed_steps=args.steps)
     print_run(run)
     memory = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS growth, rough"
     print(f"batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps each of training and "
           f"evaluation, random inputs; GFLOPs: forward, one 32x32 image; peak memory: training, {memory}")
-    print(f"{'model':{NAME_WIDTH}s} {'params':>11s} {'GFLOPs':>7s} {'variant':27s} {'train img/s':>11s} {'eval img/s':>10s} "
-          f"{'peak memory':>12s}")
+    print(f"{'model':{NAME_WIDTH}s} {'params':>11s} {'GFLOPs':>7s} {'variant':27s} {'train img/s':>11s} "
+          f"{'eval img/s':>10s} {'peak memory':>12s}")
     rows = []
     for name in names:
-        # Counting needs shapes only: the meta device skips allocating the weights.
-        with torch.device("meta"):
-            counted = build_model(name, NUM_CLASSES)
-        parameters, gflops = count_parameters(counted), count_flops(counted) / 1e9
-        for variant in variants:
-            try:
-                result = measure(name, VARIANTS[variant], args, device)
-            except torch.cuda.OutOfMemoryError:
-                print(f"{name:{NAME_WIDTH}s} {variant}: out of memory at batch {args.batch_size}; try a smaller --batch-size",
-                      flush=True)
-                continue
-            rows.append({"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result})
-            print_row(rows[-1])
-    return save_results(args.out, run, rows)
+        rows.extend(measure_model(name, variants, args, device))
+    save_results(args.out, run, rows)
+    return 0
+
+
+def measure_model(name: str, variants: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """The rows of one model, one per variant that fits in memory, each printed as soon as measured."""
+    # Counting needs shapes only: the meta device skips allocating the weights.
+    with torch.device("meta"):
+        counted = build_model(name, NUM_CLASSES)
+    parameters, gflops = count_parameters(counted), count_flops(counted) / 1e9
+    rows = []
+    for variant in variants:
+        try:
+            result = measure(name, VARIANTS[variant], args, device)
+        except torch.cuda.OutOfMemoryError:
+            print(f"{name:{NAME_WIDTH}s} {variant}: out of memory at batch {args.batch_size}; try a smaller "
+                  f"--batch-size", flush=True)
+            continue
+        rows.append({"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result})
+        print_row(rows[-1])
+    return rows
 
 
 if __name__ == "__main__":

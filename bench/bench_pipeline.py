@@ -3,9 +3,10 @@
     python bench/bench_pipeline.py [--models cnn_base,cnn_resnet18] [--device auto] [--batch-size 128]
                                    [--repeats 3] [--steps N] [--workers 2] [--out PATH.json]
 
-Both pipelines feed the same model, built afresh from the same seed before every timed epoch, through the same
-training step (SGD with Nesterov momentum at train.py's learning rate, cross-entropy; bf16 autocast and
-channels_last by default on CUDA only) on the same device at the same batch size:
+Both pipelines feed the same model, built afresh from the same seed before every timed epoch, through train.py's
+own training step (Optimization.step of optimization.py, with the model's default recipe: SGD with Nesterov
+momentum, warmup and cosine schedule, cross-entropy; bf16 autocast and channels_last by default on CUDA only) on
+the same device at the same batch size:
   project     TrainBatches: the uint8 dataset on the device, crop and flip as batched tensor ops, normalization.
   dataloader  what most CIFAR code and the course code do: a torchvision.datasets.CIFAR10-like Dataset giving
               PIL images, RandomCrop(32, padding=4) and RandomHorizontalFlip on the PIL image, then ToTensor
@@ -36,12 +37,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from common import (SEED, describe_run, fresh_model, print_run, save_results, set_up_device, synchronize,
-                    train_step, check_out, split_names)  # bench/ is on sys.path as the script's own folder
-from batches import TrainBatches, channel_stats
-from cifar import DataError
-from devices import DEVICE_CHOICES, pick_device
-from errors import UsageError
+from common import SEED, check_out, describe_run, fresh_model, print_run, save_results, split_names, synchronize
+
+# isort: split
+# The project's modules, after common: importing it puts the repository root on sys.path.
+from batches import BatchOptions, TrainBatches, channel_stats
+from devices import DEVICE_CHOICES, pick_device, set_up_backends
+from errors import UsageError, run_command
 from load_data_cifar10 import load_cifar10
 from model import MODELS
 
@@ -84,7 +86,7 @@ def dataloader(dataset: PilCifar, batch_size: int, workers: int, device: torch.d
 
 # -- timing ----------------------------------------------------------------------------------------------------------
 
-def timed_epoch(batches: Iterable, step: Callable[[torch.Tensor, torch.Tensor], None], device: torch.device,
+def timed_epoch(batches: Iterable, step: Callable[[torch.Tensor, torch.Tensor], object], device: torch.device,
                 channels_last: bool, max_steps: int | None) -> tuple[float, int]:
     """(seconds, images) of one epoch: max_steps steps, or all of them with None."""
     synchronize(device)
@@ -112,17 +114,17 @@ def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: a
     for epoch in range(args.repeats + 1):  # epoch 0 is the untimed warm-up round
         steps = min(WARMUP_STEPS, max_steps or WARMUP_STEPS) if epoch == 0 else max_steps
         for pipeline in PIPELINES:
-            net, optimizer = fresh_model(name, device, args.channels_last)
+            net, optimization = fresh_model(name, device, args.channels_last, amp_dtype, len(project_batches))
             if pipeline == "project":
                 project_batches.set_epoch(epoch)
                 batches: Iterable = project_batches
             else:
                 batches = dataloader(dataset, args.batch_size, args.workers, device, epoch)
-            step = functools.partial(train_step, net, optimizer, amp_dtype=amp_dtype)
+            step = functools.partial(optimization.step, net)
             took, images_per_epoch = timed_epoch(batches, step, device, args.channels_last, steps)
             if epoch > 0:
                 seconds[pipeline].append(took)
-            del net, optimizer, step
+            del net, optimization, step
     return seconds, images_per_epoch
 
 
@@ -177,16 +179,18 @@ def print_table(rows: list[dict], batch_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    try:
-        names = check_arguments(args)
-        device = pick_device(args.device, 0)
-        data = load_cifar10(args.data_dir, download=False)
-    except (UsageError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: benchmark(args))
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """Prints each model's medians as they come and the table at the end; a UsageError for bad flags, a missing
+    dataset or --out."""
+    names = check_arguments(args)
+    device = pick_device(args.device, 0)
+    data = load_cifar10(args.data_dir, download=False)
     args.amp = device.type == "cuda" if args.amp is None else args.amp
     args.channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
-    set_up_device(device)
+    set_up_backends(device, False)
     run = describe_run(device)
     run.update(batch_size=args.batch_size, workers=args.workers, amp="bf16" if args.amp else "off",
                channels_last=args.channels_last, persistent_workers=False, repeats=args.repeats)
@@ -197,30 +201,36 @@ def main(argv: list[str] | None = None) -> int:
 
     mean, std = channel_stats(data.train_images)
     # Built once, outside the timer, as train.py builds it once per run: this is the dataset load.
-    project_batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, mean, std,
-                                   seed=SEED, device=device, channels_last=args.channels_last)
+    options = BatchOptions(mean, std, device=device, channels_last=args.channels_last)
+    project_batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, options, seed=SEED)
     dataset = PilCifar(data.train_images, data.train_labels, pil_transform(mean, std))
     rows = []
     for name in names:
         max_steps = args.steps if args.steps is not None else default_steps(name, device)
         seconds, images = compare(name, project_batches, dataset, args, device, max_steps)
-        medians = {pipeline: statistics.median(times) for pipeline, times in seconds.items()}
-        for pipeline in PIPELINES:
-            rows.append({"model": name, "pipeline": pipeline, "steps": min(max_steps or len(project_batches),
-                                                                           len(project_batches)),
-                         "whole_epoch": max_steps is None or max_steps >= len(project_batches),
-                         "images": images, "seconds": seconds[pipeline], "median_seconds": medians[pipeline],
-                         "images_per_second": images / medians[pipeline],
-                         "ratio": medians[pipeline] / medians["dataloader"]})
-        print(f"{name}: {rows[-1]['steps']} steps, median project {medians['project']:.3f} s, "
-              f"dataloader {medians['dataloader']:.3f} s", flush=True)
+        rows.extend(model_rows(name, seconds, images, max_steps, len(project_batches)))
     print()
     print_table(rows, args.batch_size)
     for name in names:
         ratio = next(row["ratio"] for row in rows if row["model"] == name and row["pipeline"] == "project")
         print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time, a speed-up of "
               f"{1 / ratio:.2f}x")
-    return save_results(args.out, run, rows)
+    save_results(args.out, run, rows)
+    return 0
+
+
+def model_rows(name: str, seconds: dict[str, list[float]], images: int, max_steps: int | None,
+               epoch_steps: int) -> list[dict]:
+    """One model's row per pipeline, printing its medians."""
+    medians = {pipeline: statistics.median(times) for pipeline, times in seconds.items()}
+    rows = [{"model": name, "pipeline": pipeline, "steps": min(max_steps or epoch_steps, epoch_steps),
+             "whole_epoch": max_steps is None or max_steps >= epoch_steps,
+             "images": images, "seconds": seconds[pipeline], "median_seconds": medians[pipeline],
+             "images_per_second": images / medians[pipeline], "ratio": medians[pipeline] / medians["dataloader"]}
+            for pipeline in PIPELINES]
+    print(f"{name}: {rows[-1]['steps']} steps, median project {medians['project']:.3f} s, "
+          f"dataloader {medians['dataloader']:.3f} s", flush=True)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""What the bench scripts share: the machine and versions printed beside every figure, train.py's device
-settings and training step, a timer that waits for the GPU, model-list checking and the --out writer.
+"""What the bench scripts share: the machine and versions printed beside every figure, a fresh model with
+train.py's own optimization (optimization.py), a timer that waits for the GPU, model-list checking and the
+--out writer. The training step and the backend settings are the project's (Optimization.step,
+devices.set_up_backends), not copies, so a benchmark measures what a run does.
 
-Each script puts the repository root on sys.path (so it runs from anywhere) and imports this module from its
-own folder; no bench script imports another.
+Each script imports this module from its own folder before any project module: importing it puts the
+repository root on sys.path (so the scripts run from anywhere). No bench script imports another.
 """
 from __future__ import annotations
 
@@ -14,18 +16,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from anywhere
-import runs  # noqa: E402
-from devices import autocast  # noqa: E402
-from errors import UsageError  # noqa: E402
-from load_data_cifar10 import NUM_CLASSES  # noqa: E402
-from model import MODELS, build_model  # noqa: E402
+import cli
+import runs
+from errors import UsageError
+from load_data_cifar10 import NUM_CLASSES
+from model import build_model
+from optimization import Optimization, make_optimization
 
-SEED = 0
+SEED = cli.Recipe().seed  # the default recipe's: the models' initialization and the batches' order
 
 
 def cpu_name() -> str:
@@ -57,14 +59,6 @@ def print_run(run: dict) -> None:
     print(f"versions: torch {run['torch']}, torchvision {run['torchvision']}, python {run['python']}; {run['date']}")
 
 
-def set_up_device(device: torch.device) -> None:
-    """The same backend settings as train.py, so the figures are those of a real run."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def synchronize(device: torch.device) -> None:
     """Waits for the queued GPU work, so that a timer stopped next measures the work and not its queueing."""
     if device.type == "cuda":
@@ -82,26 +76,18 @@ def seconds(action, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
-def fresh_model(name: str, device: torch.device, channels_last: bool) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The model from the same seed each time, in training mode, with train.py's optimizer and learning rate."""
-    torch.manual_seed(SEED)
+def fresh_model(name: str, device: torch.device, channels_last: bool, amp_dtype: torch.dtype | None,
+                steps_per_epoch: int) -> tuple[nn.Module, Optimization]:
+    """The model from the same seed each time, in training mode, and train.py's optimization of it for the
+    model's default recipe (SGD, learning rate, warmup and cosine schedule over epochs of steps_per_epoch steps,
+    loss scaler, loss): benchmarks call its step(net, inputs, labels), the step of a run."""
+    recipe = cli.with_default_lr(cli.Recipe(model=name))
+    torch.manual_seed(recipe.seed)
     net = build_model(name, NUM_CLASSES).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     net.train()
-    optimizer = torch.optim.SGD(net.parameters(), lr=MODELS[name].lr, momentum=0.9, nesterov=True,
-                                weight_decay=5e-4)
-    return net, optimizer
-
-
-def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, inputs: torch.Tensor, labels: torch.Tensor,
-               amp_dtype: torch.dtype | None) -> None:
-    """train.py's step without its bookkeeping; nothing is read back, so the host never waits for the device."""
-    with autocast(inputs.device, amp_dtype):
-        loss = F.cross_entropy(net(inputs).float(), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    return net, make_optimization(net, recipe, steps_per_epoch, device, amp_dtype)
 
 
 def split_names(text: str, flag: str, known: list[str]) -> list[str]:
@@ -118,14 +104,14 @@ def check_out(out: str | None, script: str) -> None:
         raise UsageError(f"--out {out} is a folder; pass a file name such as {out}/{script}.json")
 
 
-def save_results(out: str | None, run: dict, rows: list[dict]) -> int:
-    """Write the run's description and rows as JSON to --out, if given; the exit code."""
+def save_results(out: str | None, run: dict, rows: list[dict]) -> None:
+    """Write the run's description and rows as JSON to --out, if given; a UsageError when it cannot."""
     if not out:
-        return 0
+        return
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         runs.write_json(Path(out), {**run, "rows": rows})
+    except runs.WriteFailed as err:  # "cannot write PATH (reason)"
+        raise UsageError(f"{err}; pass another --out") from None
     except OSError as err:
-        print(f"error: cannot write {out} ({err.strerror}); pass another --out", file=sys.stderr)
-        return 2
-    return 0
+        raise UsageError(f"cannot write {out} ({err.strerror}); pass another --out") from None

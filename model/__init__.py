@@ -10,62 +10,63 @@ from model.base_cnn import base_cnn
 from model.densenet import densenet121, densenet169, densenet201, densenet264
 from model.res2net import res2net50, res2next29_6c24w4s
 from model.resnet import (
-    ca_resnet18, ca_resnet50, nl_resnet18, nl_resnet50,
-    resnet18, resnet34, resnet50, resnet101, resnet152,
-    se_resnet18, se_resnet34, se_resnet50, se_resnet101, se_resnet152,
+    ca_resnet18,
+    ca_resnet50,
+    nl_resnet18,
+    nl_resnet50,
+    resnet18,
+    resnet34,
+    resnet50,
+    resnet101,
+    resnet152,
+    se_resnet18,
+    se_resnet34,
+    se_resnet50,
+    se_resnet101,
+    se_resnet152,
 )
 from model.resnext import resnext29_8x64d, resnext29_16x64d, resnext29_32x4d
 from model.scnet import scnet50, scnet101
 from model.sknet import sknet29
 from model.vgg import vgg11, vgg13, vgg16, vgg19
 
-
 DEFAULT_LR = 0.1  # the peak learning rate of every model that does not set its own
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One entry of the zoo: how to build it, the family it belongs to, and its default peak
-    learning rate (--lr when the flag is not given)."""
+    """One entry of the zoo: how to build it, the family it belongs to, whether the course trained it
+    (--list-models course), and its default peak learning rate (--lr when the flag is not given)."""
 
     build: Callable[[int], nn.Module]
     family: str
+    course: bool = False
     lr: float = DEFAULT_LR
 
 
-# Every family, in listing order, with the matplotlib colour map its models are drawn in.
-FAMILIES: dict[str, str] = {
-    "base": "Greys",
-    "resnet": "Blues",
-    "densenet": "Greens",
-    "se_resnet": "Oranges",
-    "vgg": "Purples",
-    "resnext": "Reds",
-    "sknet": "YlOrBr",
-    "res2net": "PuRd",
-    "scnet": "BuGn",
-    "ca_resnet": "RdPu",
-    "nl_resnet": "GnBu",
-}
+# Every family, in listing order.
+FAMILIES: tuple[str, ...] = ("base", "resnet", "densenet", "se_resnet", "vgg", "resnext", "sknet", "res2net",
+                             "scnet", "ca_resnet", "nl_resnet")
+
 
 # The course's 15 first, in the course report's order; each factory takes the number of classes.
 MODELS: dict[str, ModelSpec] = {
     # BaseCNN has no BatchNorm and diverges or trains poorly at 0.1.
-    "cnn_base": ModelSpec(base_cnn, "base", lr=0.05),
-    "cnn_resnet18": ModelSpec(resnet18, "resnet"),
-    "cnn_resnet34": ModelSpec(resnet34, "resnet"),
-    "cnn_resnet50": ModelSpec(resnet50, "resnet"),
-    "cnn_resnet101": ModelSpec(resnet101, "resnet"),
-    "cnn_resnet152": ModelSpec(resnet152, "resnet"),
-    "cnn_densenet121": ModelSpec(densenet121, "densenet"),
-    "cnn_densenet169": ModelSpec(densenet169, "densenet"),
-    "cnn_densenet201": ModelSpec(densenet201, "densenet"),
-    "cnn_densenet264": ModelSpec(densenet264, "densenet"),
-    "cnn_se_resnet18": ModelSpec(se_resnet18, "se_resnet"),
-    "cnn_se_resnet34": ModelSpec(se_resnet34, "se_resnet"),
-    "cnn_se_resnet50": ModelSpec(se_resnet50, "se_resnet"),
-    "cnn_se_resnet101": ModelSpec(se_resnet101, "se_resnet"),
-    "cnn_se_resnet152": ModelSpec(se_resnet152, "se_resnet"),
+    "cnn_base": ModelSpec(base_cnn, "base", course=True, lr=0.05),
+    "cnn_resnet18": ModelSpec(resnet18, "resnet", course=True),
+    "cnn_resnet34": ModelSpec(resnet34, "resnet", course=True),
+    "cnn_resnet50": ModelSpec(resnet50, "resnet", course=True),
+    "cnn_resnet101": ModelSpec(resnet101, "resnet", course=True),
+    "cnn_resnet152": ModelSpec(resnet152, "resnet", course=True),
+    "cnn_densenet121": ModelSpec(densenet121, "densenet", course=True),
+    "cnn_densenet169": ModelSpec(densenet169, "densenet", course=True),
+    "cnn_densenet201": ModelSpec(densenet201, "densenet", course=True),
+    "cnn_densenet264": ModelSpec(densenet264, "densenet", course=True),
+    "cnn_se_resnet18": ModelSpec(se_resnet18, "se_resnet", course=True),
+    "cnn_se_resnet34": ModelSpec(se_resnet34, "se_resnet", course=True),
+    "cnn_se_resnet50": ModelSpec(se_resnet50, "se_resnet", course=True),
+    "cnn_se_resnet101": ModelSpec(se_resnet101, "se_resnet", course=True),
+    "cnn_se_resnet152": ModelSpec(se_resnet152, "se_resnet", course=True),
     # The rest of the networks the course report names.
     "cnn_vgg11": ModelSpec(vgg11, "vgg"),
     "cnn_vgg13": ModelSpec(vgg13, "vgg"),
@@ -85,7 +86,7 @@ MODELS: dict[str, ModelSpec] = {
     "cnn_nl_resnet50": ModelSpec(nl_resnet50, "nl_resnet"),
 }
 # The 15 networks the course trained, for sweeps that keep to them (--list-models course).
-COURSE_MODELS: tuple[str, ...] = tuple(MODELS)[:15]
+COURSE_MODELS: tuple[str, ...] = tuple(name for name, spec in MODELS.items() if spec.course)
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -127,6 +128,13 @@ def count_flops(net: nn.Module, image_size: int = 32) -> int:
         for module, training in training_modes.items():
             module.training = training
     return counter.get_total_flops()
+
+
+def describe_model(name: str, num_classes: int) -> str:
+    """--summary: the network as PyTorch prints it, its parameter count and FLOPs."""
+    net = build_model(name, num_classes)
+    return (f"{net}\nParameters: {count_parameters(net):,}\n"
+            f"FLOPs: {format_flops(count_flops(net))}FLOPs (forward pass of one 3x32x32 image)")
 
 
 def format_flops(flops: int) -> str:

@@ -7,7 +7,7 @@ Res2Net's. Res2Net-50 sits on our CIFAR ResNet, Res2NeXt-29 on our ResNeXt-29. T
 parameters for Res2NeXt-29; the official block gives 23.6M, and we follow the block.
 """
 from functools import partial
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,14 @@ from torch import nn
 
 from model.resnet import ResNet, add_attention, shortcut
 from model.resnext import ResNeXt29
+
+
+class Res2Shape(NamedTuple):
+    """The widths of a Res2 block: channels per group at 64 planes, groups (scales), and cardinality."""
+
+    base_width: int = 26
+    scale: int = 4
+    cardinality: int = 1
 
 
 class Res2Block(nn.Module):
@@ -26,8 +34,9 @@ class Res2Block(nn.Module):
     expansion = 4
 
     def __init__(self, in_channels: int, planes: int, stride: int = 1, attention: Optional[str] = None,
-                 base_width: int = 26, scale: int = 4, cardinality: int = 1) -> None:
+                 shape: Res2Shape = Res2Shape()) -> None:
         super().__init__()
+        base_width, scale, cardinality = shape
         width = cardinality * (planes * base_width // 64)  # of each group
         out_channels = planes * self.expansion
         self.width, self.stride = width, stride
@@ -63,4 +72,4 @@ def res2net50(num_classes: int) -> ResNet:
 
 
 def res2next29_6c24w4s(num_classes: int) -> ResNeXt29:
-    return ResNeXt29(partial(Res2Block, base_width=24, scale=4, cardinality=6), num_classes)
+    return ResNeXt29(partial(Res2Block, shape=Res2Shape(base_width=24, scale=4, cardinality=6)), num_classes)

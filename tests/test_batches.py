@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batches import EvalBatches, TrainBatches, channel_stats, split_validation
+from batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
 
 # -- statistics and the validation split --------------------------------------------------------------------
 
@@ -64,8 +64,8 @@ def test_a_training_epoch_covers_every_image_once_over_all_ranks(count, batch_si
     images, labels = numbered_images(count)
     seen, steps = [], set()
     for rank in range(world_size):
-        batches = TrainBatches(images, labels, batch_size, *RAW, aug="none", seed=3, rank=rank,
-                               world_size=world_size)
+        options = BatchOptions(*RAW, rank=rank, world_size=world_size)
+        batches = TrainBatches(images, labels, batch_size, options, aug="none", seed=3)
         batches.set_epoch(2)
         rank_batches = list(batches)
         assert len(rank_batches) == len(batches)
@@ -87,7 +87,7 @@ def candidates(image: torch.Tensor) -> torch.Tensor:
 
 def test_crops_move_content_at_most_4_pixels_and_flips_mirror_it():
     images, labels = numbered_images(24)
-    batches = TrainBatches(images, labels, 8, *RAW, aug="flip-crop", seed=0)
+    batches = TrainBatches(images, labels, 8, BatchOptions(*RAW), aug="flip-crop", seed=0)
     cases = set()
     for epoch in range(3):
         batches.set_epoch(epoch)
@@ -103,7 +103,7 @@ def test_crops_move_content_at_most_4_pixels_and_flips_mirror_it():
 def test_cutout_zeroes_one_square_of_up_to_16_pixels_to_the_mean():
     images, labels = numbered_images(40)
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)  # no pixel and no padding normalizes to exactly 0
-    batches = TrainBatches(images, labels, 10, mean, std, aug="flip-crop-cutout", seed=0)
+    batches = TrainBatches(images, labels, 10, BatchOptions(mean, std), aug="flip-crop-cutout", seed=0)
     sides = set()
     for inputs, _ in batches:
         for output in inputs:
@@ -125,8 +125,8 @@ def test_normalized_batches_have_zero_mean_and_unit_std_per_channel():
     images = torch.randint(0, 256, (60, 3, 32, 32), generator=generator, dtype=torch.uint8)
     images[:, 0] //= 3
     mean, std = channel_stats(images)
-    for batches in (TrainBatches(images, torch.zeros(60, dtype=torch.int64), 16, mean, std, aug="none"),
-                    EvalBatches(images, torch.zeros(60, dtype=torch.int64), 16, mean, std)):
+    for batches in (TrainBatches(images, torch.zeros(60, dtype=torch.int64), 16, BatchOptions(mean, std), aug="none"),
+                    EvalBatches(images, torch.zeros(60, dtype=torch.int64), 16, BatchOptions(mean, std))):
         inputs = torch.cat([inputs for inputs, _ in batches]).transpose(0, 1).reshape(3, -1).double()
         assert inputs.mean(1).tolist() == pytest.approx([0, 0, 0], abs=1e-5)
         assert inputs.std(1, unbiased=False).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
@@ -137,7 +137,7 @@ def test_same_seed_and_epoch_give_the_same_batches_even_after_a_resume(aug):
     images, labels = numbered_images(30)
 
     def epoch_batches(seed: int, epoch: int, epochs_before: int = 0) -> list:
-        batches = TrainBatches(images, labels, 8, *RAW, aug=aug, seed=seed)
+        batches = TrainBatches(images, labels, 8, BatchOptions(*RAW), aug=aug, seed=seed)
         for earlier in range(epochs_before):
             batches.set_epoch(earlier)
             list(batches)
@@ -155,27 +155,28 @@ def test_same_seed_and_epoch_give_the_same_batches_even_after_a_resume(aug):
 
 def test_eval_batches_come_in_order_and_ranks_share_them():
     images, labels = numbered_images(53)
-    batches = EvalBatches(images, labels, 10, *RAW)
+    batches = EvalBatches(images, labels, 10, BatchOptions(*RAW))
     outputs = list(batches)
     assert len(batches) == len(outputs) == 6
     assert torch.equal(torch.cat([ids for _, ids in outputs]), labels)
     assert torch.allclose(torch.cat([inputs for inputs, _ in outputs]), images.float(), atol=1e-3)
-    shared = [ids for rank in range(2) for _, ids in EvalBatches(images, labels, 10, *RAW, rank=rank, world_size=2)]
+    shared = [ids for rank in range(2)
+              for _, ids in EvalBatches(images, labels, 10, BatchOptions(*RAW, rank=rank, world_size=2))]
     assert torch.equal(torch.sort(torch.cat(shared)).values, labels)
 
 
 def test_channels_last_changes_the_layout_not_the_values():
     images, labels = numbered_images(12)
-    plain = next(iter(TrainBatches(images, labels, 12, *RAW, seed=1)))[0]
-    reordered = next(iter(TrainBatches(images, labels, 12, *RAW, seed=1, channels_last=True)))[0]
+    plain = next(iter(TrainBatches(images, labels, 12, BatchOptions(*RAW), seed=1)))[0]
+    reordered = next(iter(TrainBatches(images, labels, 12, BatchOptions(*RAW, channels_last=True), seed=1)))[0]
     assert reordered.is_contiguous(memory_format=torch.channels_last) and torch.equal(plain, reordered)
-    evaluated = next(iter(EvalBatches(images, labels, 12, *RAW, channels_last=True)))[0]
+    evaluated = next(iter(EvalBatches(images, labels, 12, BatchOptions(*RAW, channels_last=True))))[0]
     assert evaluated.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_starting_a_second_iteration_stops_the_first_loudly():
     images, labels = numbered_images(20)
-    batches = TrainBatches(images, labels, 5, *RAW)
+    batches = TrainBatches(images, labels, 5, BatchOptions(*RAW))
     first = iter(batches)
     next(first)
     next(iter(batches))
@@ -186,19 +187,19 @@ def test_starting_a_second_iteration_stops_the_first_loudly():
 def test_bad_batch_arguments_are_value_errors():
     images, labels = numbered_images(10)
     with pytest.raises(ValueError, match="flip-crop"):
-        TrainBatches(images, labels, 4, *RAW, aug="mixup")
+        TrainBatches(images, labels, 4, BatchOptions(*RAW), aug='mixup')
     with pytest.raises(ValueError):
-        TrainBatches(images, labels, 2, *RAW, rank=0, world_size=4)
+        TrainBatches(images, labels, 2, BatchOptions(*RAW, rank=0, world_size=4))
     with pytest.raises(ValueError):
-        EvalBatches(images.float(), labels, 4, *RAW)
+        EvalBatches(images.float(), labels, 4, BatchOptions(*RAW))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_batches_are_the_same_on_cpu_and_cuda():
     images, labels = numbered_images(40)
     for aug in ("flip-crop", "flip-crop-cutout"):
-        on_cpu = list(TrainBatches(images, labels, 16, *RAW, aug=aug, seed=2))
-        on_cuda = list(TrainBatches(images, labels, 16, *RAW, aug=aug, seed=2, device="cuda"))
+        on_cpu = list(TrainBatches(images, labels, 16, BatchOptions(*RAW), aug=aug, seed=2))
+        on_cuda = list(TrainBatches(images, labels, 16, BatchOptions(*RAW, device='cuda'), aug=aug, seed=2))
         for (cpu_inputs, cpu_ids), (cuda_inputs, cuda_ids) in zip(on_cpu, on_cuda):
             assert cuda_inputs.is_cuda and torch.equal(cpu_ids, cuda_ids.cpu())
             assert torch.allclose(cpu_inputs, cuda_inputs.cpu(), atol=1e-5)

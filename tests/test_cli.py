@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+import cli
 from conftest import REPO_ROOT
 from model import FAMILIES, MODELS, model_table_markdown, models_in
 
@@ -74,8 +75,7 @@ def test_an_unknown_model_is_a_usage_error_listing_the_choices():
 
 
 def test_every_flag_has_help():
-    import train
-    parser = train.build_parser("cifar10")
+    parser = cli.build_parser("cifar10")
     for action in parser._actions:
         assert action.help, action.dest
 

@@ -54,9 +54,9 @@ def test_eval_only_matches_a_direct_computation(trained_run, cifar10_dir, capsys
     expected = direct_test_metrics(run_dir / "best.pt", cifar10_dir, tta)
     assert report["tta"] is tta and report["checkpoint"] == str(run_dir / "best.pt")
     assert report["images"] == 10_000  # the whole test set, whatever --subset the run used
-    assert report["top1"] == pytest.approx(expected["top1"], abs=1e-4)
-    assert report["top5"] == pytest.approx(expected["top5"], abs=1e-4)
-    assert report["loss"] == pytest.approx(expected["loss"], rel=1e-3)
+    assert report["test_acc"] == pytest.approx(expected["top1"], abs=1e-4)
+    assert report["test_top5"] == pytest.approx(expected["top5"], abs=1e-4)
+    assert report["test_loss"] == pytest.approx(expected["loss"], rel=1e-3)
     assert list(report["per_class"].values()) == pytest.approx(expected["per_class"], abs=1e-4)
     assert f"Top-1 accuracy: {expected['top1']:.4f}" in output and "airplane" in output
     assert (run_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_train import assert_one_line_error, read_metrics, tiny_args
 
+import run_files
 import runs
 import train
 from conftest import REPO_ROOT
 from errors import UsageError
-from test_train import assert_one_line_error, read_metrics, tiny_args
 
 NO_SPACE = "No space left on device"
 
@@ -41,7 +42,7 @@ def as_read(history: list[dict]) -> list[dict]:
 
 
 def temp_files(run_dir: Path) -> list[str]:
-    return sorted(path.name for path in run_dir.iterdir() if runs.TEMP_MARK in path.name)
+    return sorted(path.name for path in run_dir.iterdir() if run_files.TEMP_MARK in path.name)
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -81,7 +82,7 @@ def reference(cifar10_dir, tmp_path_factory) -> Path:
 
 
 def summary_without_time(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / runs.SUMMARY_FILE).read_text())
+    summary = json.loads((run_dir / run_files.SUMMARY_FILE).read_text())
     return {key: value for key, value in summary.items() if "seconds" not in key}
 
 
@@ -97,7 +98,7 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  stdout=subprocess.DEVNULL, stderr=first_err)
     try:
-        log = run_dir / runs.LOG_FILE
+        log = run_dir / run_files.LOG_FILE
         wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
         names_before = {path.name for path in run_dir.iterdir()}
 
@@ -119,20 +120,20 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
         assert_one_line_error(eval_err, "in use", f"process {first.pid} on")
         assert plotting.returncode == 0, plot_err
         names = {path.name for path in run_dir.iterdir()}
-        assert all(f".{first.pid}{runs.TEMP_MARK}" in name for name in names - names_before)
-        assert runs.EVAL_FILE not in names and runs.CONFUSION_FILE not in names
-        assert (run_dir / runs.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
+        assert all(f".{first.pid}{run_files.TEMP_MARK}" in name for name in names - names_before)
+        assert run_files.EVAL_FILE not in names and run_files.CONFUSION_FILE not in names
+        assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
     finally:
         # SIGKILL, which gives the process no chance to unlock: the lock must go with it all the same.
         # (Ctrl-C has its own test in test_train.py.)
         first.kill()
         first.wait(timeout=120)
-    last = torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)
+    last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
     rows = read_metrics(run_dir)
     # A kill between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
     # rewrites it from last.pt.
     assert len(rows) in (last["epoch"] - 1, last["epoch"]) and rows == as_read(last["history"][:len(rows)])
-    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"]
+    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"]
     runs.refuse_if_in_use(run_dir)  # the lock went with the process
 
 
@@ -177,21 +178,21 @@ def fill_disk_at(monkeypatch, name: str, occurrence: int = 1, room: int = 64) ->
 def assert_every_file_is_whole(run_dir: Path) -> None:
     assert temp_files(run_dir) == []
     names = {path.name for path in run_dir.iterdir()}
-    for name in {runs.CONFIG_FILE, runs.SUMMARY_FILE} & names:
+    for name in {run_files.CONFIG_FILE, run_files.SUMMARY_FILE} & names:
         assert isinstance(json.loads((run_dir / name).read_text()), dict)
-    if runs.LOG_FILE in names:
-        (run_dir / runs.LOG_FILE).read_text(encoding="utf-8")
-    if runs.CURVES_FILE in names:
-        Image.open(run_dir / runs.CURVES_FILE).verify()
-    if runs.BEST_CHECKPOINT in names:
-        assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["model_name"] == "cnn_base"
-    if runs.LAST_CHECKPOINT in names:
-        last = torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)
-        if runs.METRICS_FILE in names:
-            runs.read_metrics(run_dir / runs.METRICS_FILE)  # parses, every column a number
+    if run_files.LOG_FILE in names:
+        (run_dir / run_files.LOG_FILE).read_text(encoding="utf-8")
+    if run_files.CURVES_FILE in names:
+        Image.open(run_dir / run_files.CURVES_FILE).verify()
+    if run_files.BEST_CHECKPOINT in names:
+        assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["model_name"] == "cnn_base"
+    if run_files.LAST_CHECKPOINT in names:
+        last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
+        if run_files.METRICS_FILE in names:
+            run_files.read_metrics(run_dir / run_files.METRICS_FILE)  # parses, every column a number
             assert read_metrics(run_dir) == as_read(last["history"])
     else:
-        assert runs.METRICS_FILE not in names
+        assert run_files.METRICS_FILE not in names
 
 
 @pytest.mark.parametrize("name, occurrence, saved_epochs", [
@@ -216,7 +217,7 @@ def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it
     err = capsys.readouterr().err
     assert_one_line_error(err, f"error: cannot write {run_dir / name} ({NO_SPACE}); ")
     assert_every_file_is_whole(run_dir)
-    last = run_dir / runs.LAST_CHECKPOINT
+    last = run_dir / run_files.LAST_CHECKPOINT
     assert (torch.load(last, weights_only=True)["epoch"] if last.exists() else 0) == saved_epochs
     if saved_epochs:
         assert f"last.pt holds epoch {saved_epochs}; free space, then continue with the same command " \
@@ -229,7 +230,7 @@ def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it
     assert train.main("cifar10", again) == 0
     assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
     assert summary_without_time(run_dir) == summary_without_time(reference)
-    assert (run_dir / runs.LOG_FILE).read_text().endswith("Model Saved\n")
+    assert (run_dir / run_files.LOG_FILE).read_text().endswith("Model Saved\n")
     assert temp_files(run_dir) == []
 
 
@@ -245,7 +246,7 @@ def test_a_write_the_kernel_refuses_is_one_line_exit_1(cifar10_dir, tmp_path):
                                preexec_fn=limit_file_size)
     run_dir = tmp_path / "cifar10" / "cnn_base"
     assert completed.returncode == 1, completed.stderr
-    assert_one_line_error(completed.stderr, f"error: cannot write {run_dir / runs.BEST_CHECKPOINT} "
+    assert_one_line_error(completed.stderr, f"error: cannot write {run_dir / run_files.BEST_CHECKPOINT} "
                           f"({os.strerror(errno.EFBIG)}); no epoch was saved")
     assert_every_file_is_whole(run_dir)
 
@@ -254,7 +255,7 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
     """The holder's name cannot be written on a full disk; the lock holds all the same."""
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
-    (tmp_path / runs.LOCK_FILE).symlink_to("/dev/full")
+    (tmp_path / run_files.LOCK_FILE).symlink_to("/dev/full")
     lock = runs.lock_run_folder(tmp_path)
     with pytest.raises(UsageError, match="in use by another process"):
         runs.refuse_if_in_use(tmp_path)
@@ -264,10 +265,10 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
 
 def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, cifar10_dir, monkeypatch,
                                                          capsys):
-    name = runs.EVAL_FILE
+    name = run_files.EVAL_FILE
     run_dir = tmp_path / "cifar10" / "cnn_base"
     shutil.copytree(reference, run_dir)
-    best = (run_dir / runs.BEST_CHECKPOINT).read_bytes()
+    best = (run_dir / run_files.BEST_CHECKPOINT).read_bytes()
     capsys.readouterr()
     fill_disk_at(monkeypatch, name)
     assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir",
@@ -275,7 +276,7 @@ def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, ci
     assert_one_line_error(capsys.readouterr().err, f"error: cannot write {run_dir / name} ({NO_SPACE})",
                           "untouched", "evaluate again")
     assert not (run_dir / name).exists()
-    assert (run_dir / runs.BEST_CHECKPOINT).read_bytes() == best
+    assert (run_dir / run_files.BEST_CHECKPOINT).read_bytes() == best
     assert_every_file_is_whole(run_dir)
     runs.refuse_if_in_use(run_dir)  # the lock is let go after a failure
 
@@ -314,7 +315,7 @@ sys.exit(train.main("cifar10", sys.argv[4:]))
 """
 
 
-@pytest.mark.parametrize("name", [runs.LAST_CHECKPOINT, runs.BEST_CHECKPOINT])
+@pytest.mark.parametrize("name", [run_files.LAST_CHECKPOINT, run_files.BEST_CHECKPOINT])
 def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_its_lock(
         reference, cifar10_dir, tmp_path, capsys, name):
     rows = read_metrics(reference)
@@ -329,11 +330,11 @@ def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_it
     finally:
         process.kill()
         process.wait()
-    assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{runs.TEMP_MARK}.pt"]
-    assert torch.load(run_dir / runs.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
-    best_epoch = 1 if name == runs.BEST_CHECKPOINT else 2  # saved before last.pt
-    assert torch.load(run_dir / runs.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
-    assert (run_dir / runs.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
+    assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{run_files.TEMP_MARK}.pt"]
+    assert torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+    best_epoch = 1 if name == run_files.BEST_CHECKPOINT else 2  # saved before last.pt
+    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
+    assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
 
     capsys.readouterr()
     assert train.main("cifar10", [*args, "--resume"]) == 0

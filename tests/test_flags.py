@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train import assert_one_line_error
 
 import train
 from conftest import REPO_ROOT
-from test_train import assert_one_line_error
 
 FILE, FOLDER, MISSING = "{file}", "{folder}", "{missing}"  # stand-ins for paths made in each test's tmp dir
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import plot
-from runs import RunFileError
 from model import MODELS
+from runs import RunFileError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,epoch_seconds"

@@ -9,6 +9,8 @@ import pytest
 
 import plot
 import report
+import summary
+from model import MODELS
 
 METRICS_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,epoch_seconds"
 # A 1x1 PNG: the pages only link images, so any valid one will do.
@@ -113,12 +115,12 @@ def results(tmp_path) -> Path:
 
 def write_pages(results: Path) -> dict[Path, list[dict]]:
     """What plot.py results does with the report: the summary files, then the pages."""
-    names = plot.known_model_names()
+    names = list(MODELS)
     rows_by_dataset = {}
     for dataset_dir in sorted(results.iterdir()):
-        runs = [plot.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())]
-        rows = plot.group_runs(runs, names)
-        (dataset_dir / "summary.md").write_text(plot.summary_markdown(dataset_dir.name, rows))
+        runs = [summary.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())]
+        rows = summary.group_runs(runs, names)
+        (dataset_dir / "summary.md").write_text(summary.summary_markdown(dataset_dir.name, rows))
         (dataset_dir / "comparison.png").write_bytes(TINY_PNG)
         assert report.write_dataset_page(dataset_dir, rows, index_link=True) == \
             dataset_dir / "index.html"
@@ -186,8 +188,8 @@ def test_page_without_optional_files_links_nothing_missing(tmp_path):
     dataset_dir = tmp_path / "cifar10"
     run_dir = make_run(dataset_dir, "cnn_base", None, finished=False)
     (run_dir / "curves.png").unlink()
-    names = plot.known_model_names()
-    rows = plot.group_runs([plot.read_run(run_dir, names)], names)
+    names = list(MODELS)
+    rows = summary.group_runs([summary.read_run(run_dir, names)], names)
     page_path = report.write_dataset_page(dataset_dir, rows)
     page = Page(page_path)
     assert page.images == [] and "../index.html" not in page.links  # no results/index.html yet

@@ -1,0 +1,63 @@
+"""How a network learns: the optimizer, the learning-rate schedule, the loss scaler and one training step,
+made from a run's recipe. train.py's loop and the benchmarks both call these, so a benchmark measures the
+step a run takes and cannot drift from it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cli import Recipe
+from devices import autocast
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate's multiple of --lr before step `step` (from 0): linear warmup per step, then cosine
+    decay to zero at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+@dataclass
+class Optimization:
+    """What one training step needs besides the network and the batch."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None
+
+    def step(self, net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of SGD on one batch; the loss and logits, detached and left on the device (reading them
+        back here would make the host wait for the GPU every step)."""
+        with autocast(self.device, self.amp_dtype):
+            logits = net(inputs)
+            loss = self.criterion(logits.float(), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach(), logits.detach()
+
+
+def make_optimization(net: nn.Module, recipe: Recipe, steps_per_epoch: int, device: torch.device,
+                      amp_dtype: torch.dtype | None) -> Optimization:
+    """SGD with Nesterov momentum and weight decay, warmup then cosine per step over the recipe's epochs, a
+    GradScaler that only fp16 autocast needs, and the cross-entropy loss."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    total_steps = recipe.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(recipe.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
+    criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
+    return Optimization(optimizer, scheduler, scaler, criterion, device, amp_dtype)

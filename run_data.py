@@ -1,0 +1,63 @@
+"""A run's dataset on its device: the subset and validation split its recipe asks for, and the batches the
+epoch loop iterates. Under torchrun rank 0 alone reads (and, if needed, downloads) the files first.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
+from cifar import CifarData
+from cli import Recipe
+from errors import UsageError
+from processes import Processes, rank0_then_share
+
+
+@dataclass
+class Data:
+    train_batches: TrainBatches
+    val_batches: EvalBatches
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    options: BatchOptions  # normalization, device and memory format, shared by every batch of the run
+    validation: str  # "held-out" or "test": what the epochs are validated on
+    classes: list[str]
+    train_count: int
+    val_count: int
+
+    def test_batches(self, batch_size: int) -> EvalBatches:
+        """The whole (or --subset) test set, on this process alone."""
+        options = BatchOptions(self.options.mean, self.options.std, self.options.device, self.options.channels_last)
+        return EvalBatches(self.test_images, self.test_labels, batch_size, options)
+
+
+def load_data(recipe: Recipe, load_dataset: Callable[[str], CifarData], data_dir: str, procs: Processes,
+              channels_last: bool) -> Data:
+    """The dataset on the device: subset, validation split and the batches the loop iterates."""
+    data = rank0_then_share(procs, lambda: load_dataset(data_dir))  # rank 0 alone downloads, if needed
+    if data is None:
+        data = load_dataset(data_dir)
+    mean, std = channel_stats(data.train_images)  # the whole training set, before subset and split
+    train_images, train_labels = data.train_images, data.train_labels
+    test_images, test_labels = data.test_images, data.test_labels
+    # check_flags has held --subset and --val-size against the dataset's size, which cifar.py enforces.
+    if recipe.subset is not None:
+        train_images, train_labels = train_images[:recipe.subset], train_labels[:recipe.subset]
+        test_images, test_labels = test_images[:recipe.subset], test_labels[:recipe.subset]
+    val_images, val_labels, validation = test_images, test_labels, "test"
+    if recipe.val_size:
+        train_index, val_index = split_validation(train_labels, recipe.val_size, recipe.seed)
+        val_images, val_labels = train_images[val_index], train_labels[val_index]
+        train_images, train_labels = train_images[train_index], train_labels[train_index]
+        validation = "held-out"
+    options = BatchOptions(mean, std, procs.device, channels_last, procs.rank, procs.world_size)
+    try:
+        train_batches = TrainBatches(train_images, train_labels, recipe.batch_size, options, aug=recipe.aug,
+                                     seed=recipe.seed)
+        val_batches = EvalBatches(val_images, val_labels, max(256, recipe.batch_size), options)
+    except ValueError as err:  # e.g. fewer images than processes
+        raise UsageError(str(err)) from None
+    return Data(train_batches, val_batches, test_images, test_labels, options, validation, data.classes,
+                len(train_labels), len(val_labels))

@@ -1,0 +1,264 @@
+"""The summary table of a dataset folder: its rows (the runs read from their folders, seeds of one model
+grouped), its one column specification, its footnotes, and its two text forms, summary.csv and summary.md.
+plot.py draws the comparison figure from the same rows and report.py puts the same table in the HTML page.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import runs
+from run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFileError, Summary, as_number, read_metrics
+
+# Columns averaged over the runs of one summary row (mean, and sample std when there are several).
+AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
+                   "train_loss", "val_loss", "seconds_per_epoch")
+# summary.csv: the rows' raw values, one column each.
+SUMMARY_CSV_COLUMNS = (
+    ("model", "run_dirs", "runs", "finished", "parameters", "flops", "epochs", "planned_epochs")
+    + tuple(column for field in AVERAGED_FIELDS for column in (field, f"{field}_std"))
+)
+
+
+def pretty_dataset(name: str) -> str:
+    match = re.fullmatch(r"cifar(\d+)", name.lower())
+    return f"CIFAR-{match.group(1)}" if match else name
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading run folders
+
+
+def known_model_names() -> list[str]:
+    """Model flag names in --list-models order (the registry's order)."""
+    # Imported here, not at the top: the registry imports torch, which plot_curves does not need.
+    from model import MODELS
+    return list(MODELS)
+
+
+def split_run_name(run_name: str, model_names: list[str]) -> tuple[str, str | None]:
+    """(model, tag) from a folder called <model> or <model>-<tag>, by the longest known prefix."""
+    for name in sorted(model_names, key=len, reverse=True):
+        if run_name == name:
+            return name, None
+        if run_name.startswith(name + "-"):
+            return name, run_name[len(name) + 1:]
+    return run_name, None
+
+
+def read_run(run_dir: Path, model_names: list[str]) -> dict:
+    """Everything the summary needs about one run; RunFileError if its metrics.csv is malformed."""
+    metrics = read_metrics(run_dir / METRICS_FILE)
+    config = runs.read_json(run_dir / CONFIG_FILE) or {}
+    summary = runs.read_record(run_dir / SUMMARY_FILE, Summary)
+    model, tag = split_run_name(run_dir.name, model_names)
+    if "model" in config:
+        model, tag = str(config["model"]), config.get("tag")
+    val_acc = metrics["val_acc"]
+    best_index = int(np.nanargmax(val_acc)) if not np.all(np.isnan(val_acc)) else len(val_acc) - 1
+    epochs_done = len(metrics["epoch"])
+    planned = config.get("epochs", summary.epochs if summary else None)
+    return {
+        "run_dir": run_dir.name,
+        "model": model,
+        "tag": tag,
+        "validation": config.get("validation"),
+        "parameters": config.get("parameters"),
+        "flops": config.get("flops"),
+        "finished": summary is not None,
+        "epochs": epochs_done,
+        "planned_epochs": int(planned) if isinstance(planned, (int, float)) else None,
+        "train_acc": float(metrics["train_acc"][-1]),
+        "best_val_acc": float(val_acc[best_index]),
+        "best_epoch": int(metrics["epoch"][best_index]),
+        "test_acc": as_number(summary.test_acc) if summary else None,
+        "final_test_acc": as_number(summary.final_test_acc) if summary else None,
+        "train_loss": float(metrics["train_loss"][-1]),
+        "val_loss": float(metrics["val_loss"][-1]),
+        "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
+        "metrics": metrics,
+    }
+
+
+def read_runs(dataset_dir: Path, model_names: list[str]) -> list[dict]:
+    """Every run folder of a dataset folder; folders without a usable metrics.csv are reported on stderr
+    and left out."""
+    records = []
+    for run_dir in sorted(path for path in dataset_dir.iterdir() if path.is_dir()):
+        if not (run_dir / METRICS_FILE).is_file():
+            runs.warn(f"skipping {run_dir}: no metrics.csv")
+            continue
+        try:
+            records.append(read_run(run_dir, model_names))
+        except RunFileError as err:
+            runs.warn(f"skipping {err}")
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rows and the table
+
+
+def model_order_key(model: str, model_names: list[str]) -> tuple[int, str]:
+    """Registry order first; models the registry does not know go last, alphabetically."""
+    return (model_names.index(model), "") if model in model_names else (len(model_names), model)
+
+
+def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
+    """Summary rows: finished runs of one model and epoch count (e.g. several seeds) form one row.
+
+    An unfinished run keeps a row of its own: averaging it with finished runs, or with other runs
+    stopped at other epochs, would mix numbers that do not measure the same thing.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for run in records:
+        key = (run["model"], True, run["epochs"], "") if run["finished"] else (
+            run["model"], False, run["epochs"], run["run_dir"])
+        groups.setdefault(key, []).append(run)
+    order = sorted(groups, key=lambda key: (model_order_key(key[0], model_names), not key[1],
+                                            key[2], key[3]))
+    rows = []
+    for key in order:
+        members = sorted(groups[key], key=lambda run: run["run_dir"])
+        row = {
+            "model": key[0],
+            "run_dirs": ";".join(run["run_dir"] for run in members),
+            "tags": [run["tag"] for run in members],
+            "runs": len(members),
+            "finished": key[1],
+            "parameters": next((run["parameters"] for run in members if run["parameters"]), None),
+            "flops": next((run["flops"] for run in members if run["flops"]), None),
+            "epochs": key[2],
+            "planned_epochs": members[0]["planned_epochs"],
+            "validation": sorted({str(run["validation"]) for run in members if run["validation"]}),
+            "members": members,
+        }
+        for field in AVERAGED_FIELDS:
+            values = [run[field] for run in members if run[field] is not None]
+            row[field] = float(np.mean(values)) if values else None
+            # Sample standard deviation (ddof=1): the runs are a sample of what the recipe gives.
+            row[f"{field}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
+        rows.append(row)
+    return rows
+
+
+def _csv_value(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:.10g}"
+    return str(value)
+
+
+def summary_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(SUMMARY_CSV_COLUMNS)
+    for row in rows:
+        writer.writerow([_csv_value(row[column]) for column in SUMMARY_CSV_COLUMNS])
+    return buffer.getvalue()
+
+
+def count_text(value: int | None) -> str:
+    if value is None:
+        return ""
+    for limit, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if value >= limit:
+            return f"{value / limit:.2f}{suffix}"
+    return str(value)
+
+
+def _mean_std(row: dict, field: str, scale: float = 1.0, digits: int = 2, unit: str = "") -> str:
+    mean, std = row[field], row[f"{field}_std"]
+    if mean is None:
+        return ""
+    if std is None:
+        return f"{scale * mean:.{digits}f}{unit}"
+    return f"{scale * mean:.{digits}f} \u00b1 {scale * std:.{digits}f}{unit}"
+
+
+def run_label(row: dict) -> str:
+    """The model; for an unfinished run its folder and progress instead."""
+    if row["finished"]:
+        return row["model"]
+    progress = str(row["epochs"]) + (f"/{row['planned_epochs']}" if row["planned_epochs"] else "")
+    return f"{row['run_dirs']} (unfinished, {progress} epochs)"
+
+
+def _runs_cell(row: dict) -> str:
+    tags = [tag if tag else "untagged" for tag in row["tags"]]
+    return str(row["runs"]) + (f" ({', '.join(map(str, tags))})" if any(row["tags"]) else "")
+
+
+def _best_cell(row: dict) -> str:
+    epochs = [run["best_epoch"] for run in row["members"]]
+    best_epochs = str(min(epochs)) + (f"\u2013{max(epochs)}" if max(epochs) != min(epochs) else "")
+    return f"{_mean_std(row, 'best_val_acc', 100, unit='%')} ({best_epochs})"
+
+
+@dataclass(frozen=True)
+class TableColumn:
+    """One column of summary.md and of the HTML page's table: its header, the cell's text of a row, and
+    the row's field that the page sorts it by (None: the rows' own order)."""
+
+    header: str
+    text: Callable[[dict], str]
+    sort_by: str | None
+
+
+def _percent_of(name: str) -> Callable[[dict], str]:
+    return lambda row: _mean_std(row, name, 100, unit="%")
+
+
+TABLE_COLUMNS = (
+    TableColumn("model", run_label, None),
+    TableColumn("runs", _runs_cell, "runs"),
+    TableColumn("parameters", lambda row: count_text(row["parameters"]), "parameters"),
+    TableColumn("FLOPs", lambda row: count_text(row["flops"]), "flops"),
+    TableColumn("epochs", lambda row: str(row["epochs"]), "epochs"),
+    TableColumn("train acc", _percent_of("train_acc"), "train_acc"),
+    TableColumn("best valid acc (epoch)", _best_cell, "best_val_acc"),
+    TableColumn("test acc", _percent_of("test_acc"), "test_acc"),
+    TableColumn("final test acc", _percent_of("final_test_acc"), "final_test_acc"),
+    TableColumn("train loss", lambda row: _mean_std(row, "train_loss", digits=4), "train_loss"),
+    TableColumn("valid loss", lambda row: _mean_std(row, "val_loss", digits=4), "val_loss"),
+    TableColumn("s/epoch", lambda row: _mean_std(row, "seconds_per_epoch", digits=1), "seconds_per_epoch"),
+)
+
+
+def table_notes(rows: list[dict]) -> list[str]:
+    """The footnotes under the table, in Markdown (`code` only), for summary.md and the HTML page alike."""
+    notes = [
+        "Train accuracy and the losses are from the last recorded epoch; best valid accuracy is "
+        "the highest over epochs, with its epoch; when a run finishes it measures the test accuracy "
+        "of the weights of that best epoch (test acc) and of the last epoch (final test acc).",
+        "Rows with several runs (e.g. seeds given as `--tag`) show mean \u00b1 sample standard "
+        "deviation (ddof=1) over the runs; a row of one run shows no \u00b1.",
+    ]
+    if any("test" in row["validation"] for row in rows):
+        notes.append("Some runs validate on the test set (`validation: test` in config.json): "
+                     "their best valid accuracy was picked on the test set, so it is optimistic.")
+    if not all(row["finished"] for row in rows):
+        notes.append("Unfinished runs show their last recorded epoch and no test accuracy.")
+    return notes
+
+
+def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
+    lines = [
+        f"# {pretty_dataset(dataset_name)} results",
+        "",
+        "| " + " | ".join(column.header for column in TABLE_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1),
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(column.text(row) for column in TABLE_COLUMNS) + " |")
+    lines += ["", *(f"- {note}" for note in table_notes(rows))]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,248 @@
+"""The house rules a contributor relies on: every flag has one declared role and everything derived from
+roles follows it; README's flag table is the parser's; modules import in layers without cycles; functions
+stay short. Plus the units the training loop is built from: the schedule, the flag checks and --resume's
+reconciliation of the saved recipe with the typed flags."""
+import argparse
+import ast
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import pytest
+
+import cli
+import report
+from conftest import REPO_ROOT
+from model import FAMILIES, MODELS
+from optimization import lr_factor
+from plot import FAMILY_COLORMAPS
+from run_files import RunFacts
+
+PROJECT_MODULES = sorted([*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("model/*.py"), *REPO_ROOT.glob("bench/*.py")])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags and their roles
+
+
+def test_every_flag_of_the_parser_has_exactly_one_role():
+    parser = cli.build_parser("cifar10")
+    dests = {action.dest for action in parser._actions if action.dest != "help"}
+    declared = [name for role in cli.ROLES.values() for name in (spec.name for spec in dataclasses.fields(role))]
+    assert len(declared) == len(set(declared)), "a flag is declared in two roles"
+    assert dests == set(declared)
+
+
+def test_resume_checks_config_and_report_follow_the_roles():
+    assert cli.RECIPE_FLAGS == tuple(spec.name for spec in dataclasses.fields(cli.Recipe))
+    run = cli.RunConfig(cli.Recipe(), cli.Settings(), "cifar10", "main_cifar10.py")
+    # config.json holds every recipe and setting flag and no command
+    assert set(run.flags()) == set(cli.RECIPE_FLAGS) | set(cli.SETTING_FLAGS)
+    assert not set(run.flags()) & set(cli.COMMAND_FLAGS)
+    # the report shows every recipe flag, and only flags or facts config.json has
+    assert set(cli.RECIPE_FLAGS) <= set(report.SETTINGS)
+    facts = {spec.name for spec in dataclasses.fields(RunFacts)}
+    assert set(report.SETTINGS) <= set(cli.RECIPE_FLAGS) | set(cli.SETTING_FLAGS) | facts
+
+
+def test_the_run_configuration_is_frozen():
+    run = cli.RunConfig(cli.Recipe(), cli.Settings(), "cifar10", "main_cifar10.py")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.recipe.lr = 1.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.recipe = cli.Recipe()
+
+
+def test_readme_flag_table_equals_the_parser():
+    readme = (REPO_ROOT / "README.md").read_text()
+    match = re.search(r"<!-- flag-table -->\n(.*?)<!-- /flag-table -->", readme, re.S)
+    assert match, "README.md lost its flag-table markers"
+    assert match.group(1).strip() == cli.flag_table_markdown()
+    # and the table names every option the parser takes
+    for action in cli.build_parser("cifar10")._actions:
+        for option in action.option_strings:
+            if option.startswith("--") and option != "--help":
+                assert f"`{option}`" in match.group(1), option
+
+
+def test_flags_given_sees_exactly_the_typed_flags():
+    assert cli.flags_given(["--epochs", "3", "--lr=0.1", "--no-channels-last", "--resume"]) == {
+        "epochs", "lr", "channels_last", "resume"}
+    assert cli.flags_given(["--model", "cnn_base", "3"]) == {"model"}
+
+
+def test_abbreviated_flags_are_refused(capsys):
+    parser = cli.build_parser("cifar10")
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args(["--ep", "100"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: --ep" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers and sizes
+
+
+def imports_of(path: Path) -> tuple[set[str], list[str]]:
+    """The project modules a file imports at its top, and those it imports inside a function."""
+    tree = ast.parse(path.read_text())
+    local = {module.stem for module in REPO_ROOT.glob("*.py")}
+    top, inner = set(), []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name.split(".")[0] for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module.split(".")[0]]
+        for name in names:
+            if name in local:
+                (top.add(name) if node.col_offset == 0 else inner.append(name))
+    return top, inner
+
+
+def test_modules_import_without_cycles():
+    graph = {path.stem: imports_of(path)[0] for path in REPO_ROOT.glob("*.py")}
+
+    def reaches(start: str, target: str, seen: set[str]) -> bool:
+        for name in graph.get(start, ()):
+            if name == target or (name not in seen and reaches(name, target, seen | {name})):
+                return True
+        return False
+
+    cycles = [name for name in graph if reaches(name, name, {name})]
+    assert not cycles, f"import cycles through {cycles}"
+
+
+def test_no_module_imports_another_inside_a_function_except_for_cost():
+    # The few imports inside functions are of modules that cost start-up time and only one command needs
+    # (torchvision's image code for --predict); none dodges a cycle (the test above).
+    allowed = {("evaluation", "predict")}
+    for path in PROJECT_MODULES:
+        for name in imports_of(path)[1]:
+            assert (path.stem, name) in allowed, f"{path.name} imports {name} inside a function"
+
+
+def function_sizes(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            args = node.args
+            names = [arg.arg for arg in args.posonlyargs + args.args + args.kwonlyargs]
+            names += [extra.arg for extra in (args.vararg, args.kwarg) if extra]
+            parameters = len([name for name in names if name not in ("self", "cls")])
+            yield node.name, node.end_lineno - node.lineno + 1, parameters
+
+
+def test_functions_fit_on_a_screen_and_take_few_parameters():
+    too_big = [f"{path.relative_to(REPO_ROOT)}: {name} ({lines} lines, {parameters} parameters)"
+               for path in PROJECT_MODULES for name, lines, parameters in function_sizes(path)
+               if lines > 60 or parameters > 6]
+    assert not too_big
+    assert len((REPO_ROOT / "train.py").read_text().splitlines()) <= 450
+
+
+def test_every_family_has_its_colours_and_course_is_a_registry_field():
+    assert set(FAMILY_COLORMAPS) == set(FAMILIES)
+    assert [name for name, spec in MODELS.items() if spec.course][:1] == ["cnn_base"]
+    assert sum(spec.course for spec in MODELS.values()) == 15
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schedule
+
+
+def test_lr_factor_warms_up_linearly_per_step_then_follows_the_cosine_to_zero():
+    warmup, total = 10, 110
+    factors = [lr_factor(step, warmup, total) for step in range(total + 1)]
+    assert factors[:warmup] == pytest.approx([(step + 1) / warmup for step in range(warmup)])
+    assert factors[warmup] == pytest.approx(1.0)  # the peak right after warmup
+    assert factors[warmup + 50] == pytest.approx(0.5)  # halfway through the cosine
+    assert factors[warmup + 25] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert factors[total] == pytest.approx(0.0, abs=1e-12)  # zero at the last step
+    assert lr_factor(total + 5, warmup, total) == pytest.approx(0.0, abs=1e-12)  # and after it
+    assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+
+
+def test_lr_factor_without_warmup_starts_at_the_peak():
+    assert lr_factor(0, 0, 100) == 1.0
+    assert lr_factor(50, 0, 100) == pytest.approx(0.5)
+
+
+def test_default_learning_rates():
+    assert cli.with_default_lr(cli.Recipe(model="cnn_base")).lr == 0.05
+    assert cli.with_default_lr(cli.Recipe(model="cnn_resnet18")).lr == 0.1
+    assert cli.with_default_lr(cli.Recipe(model="cnn_base", lr=0.2)).lr == 0.2
+
+
+# ---------------------------------------------------------------------------------------------------
+# check_flags and the resume reconciliation, as units
+
+
+def parsed(*argv: str) -> argparse.Namespace:
+    return cli.build_parser("cifar10").parse_args(list(argv))
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--resume", "--overwrite"], "contradict"),
+    (["--eval-only", "--resume"], "--eval-only trains nothing"),
+    (["--eval-only", "--predict", "x.png"], "two commands"),
+    (["--predict", "x.png", "--overwrite"], "--predict trains nothing"),
+    (["--checkpoint", "best.pt"], "--checkpoint is for"),
+    (["--tta"], "--tta is for --eval-only"),
+    (["--subset", "20000"], "more than the 10,000"),
+    (["--subset", "100", "--val-size", "100"], "leaves no training images out of 100"),
+    (["--val-size", "9999"], None),
+])
+def test_check_flags_refuses_contradictions_and_sizes(argv, words, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = parsed(*argv)
+    if words is None:
+        cli.check_flags(args, 10_000)
+        return
+    with pytest.raises(cli.UsageError, match=re.escape(words)):
+        cli.check_flags(args, 10_000)
+
+
+def test_check_flags_refuses_a_file_for_a_folder_and_a_missing_checkpoint(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(cli.UsageError, match="--results-dir .* is a file"):
+        cli.check_flags(parsed("--results-dir", str(tmp_path / "file")), 50_000)
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli.check_flags(parsed("--eval-only", "--checkpoint", str(tmp_path / "none.pt")), 50_000)
+
+
+SAVED = {**dataclasses.asdict(cli.Recipe(lr=0.05, epochs=10, batch_size=64)), "dataset": "cifar10"}
+
+
+def resumed(*argv: str, saved: dict = SAVED) -> cli.Recipe:
+    return cli.resume_recipe(cli.typed_recipe(parsed(*argv)), cli.flags_given(list(argv)), saved, "cifar10")
+
+
+def test_resume_takes_the_saved_recipe_over_defaults():
+    recipe = resumed("--resume")
+    assert (recipe.lr, recipe.epochs, recipe.batch_size) == (0.05, 10, 64)
+
+
+def test_resume_accepts_the_saved_value_typed_again_and_a_larger_epoch_count():
+    assert resumed("--resume", "--batch-size", "64", "--epochs", "20").epochs == 20
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--batch-size", "32"], "cannot change --batch-size (the run used 64, got 32)"),
+    (["--lr", "0.1"], "cannot change --lr"),
+    (["--seed", "1"], "cannot change --seed"),
+    (["--aug", "none"], "cannot change --aug"),
+    (["--epochs", "5"], "can raise --epochs but not lower it (the run has 10)"),
+    (["--model", "cnn_resnet18"], "is a cifar10 cnn_base run, not cifar10 cnn_resnet18"),
+])
+def test_resume_refuses_a_typed_change_of_the_recipe(argv, words):
+    with pytest.raises(cli.UsageError, match=re.escape(words)):
+        resumed("--resume", *argv)
+
+
+def test_resume_of_a_run_older_than_a_recipe_flag_reads_its_old_default():
+    # A last.pt written before a recipe flag existed lacks it; the run behaved as the flag's old_default.
+    older = {key: value for key, value in SAVED.items() if key != "label_smoothing"}
+    assert resumed("--resume", saved=older).label_smoothing == 0.0
+    with pytest.raises(cli.UsageError, match="cannot change --label-smoothing"):
+        resumed("--resume", "--label-smoothing", "0.1", saved=older)
