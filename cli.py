@@ -215,9 +215,15 @@ def flags_given(argv: list[str]) -> set[str]:
     """Names of the flags typed on the command line, to tell them from defaults (the parser takes no
     abbreviations, so a typed flag is its full name)."""
     typed = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
-    names = RECIPE_FLAGS + SETTING_FLAGS + COMMAND_FLAGS
-    return {name for name in names if option(name) in typed
-            or (name == "channels_last" and "--no-channels-last" in typed)}
+    return {spec.name for role in ROLES.values() for spec in dataclasses.fields(role)
+            if typed & set(option_strings(spec))}
+
+
+def option_strings(spec: dataclasses.Field) -> list[str]:
+    """A declared flag's options: --name, and --no-name for an on/off flag."""
+    if spec.metadata["argparse"].get("action") is argparse.BooleanOptionalAction:
+        return [option(spec.name), "--no-" + option(spec.name)[2:]]
+    return [option(spec.name)]
 
 
 def flag_table_markdown() -> str:
@@ -226,9 +232,7 @@ def flag_table_markdown() -> str:
     for role, declared in ROLES.items():
         for spec in dataclasses.fields(declared):
             text = spec.metadata["help"].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-            names = f"`{option(spec.name)}`"
-            if spec.metadata["argparse"].get("action") is argparse.BooleanOptionalAction:
-                names += f" / `--no-{option(spec.name)[2:]}`"
+            names = " / ".join(f"`{name}`" for name in option_strings(spec))
             lines.append(f"| {names} | {role} | {text} |")
     return "\n".join(lines)
 

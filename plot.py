@@ -37,6 +37,7 @@ from run_files import (
     SUMMARY_CSV_FILE,
     SUMMARY_FILE,
     SUMMARY_MD_FILE,
+    RunFacts,
     Summary,
     as_number,
     read_metrics,
@@ -92,7 +93,8 @@ def plot_curves(run_dir: str | Path) -> Path:
     run_name = run_dir.name
     if "model" in config:
         run_name = str(config["model"]) + (f" ({config['tag']})" if config.get("tag") else "")
-    title = f"{run_name} on {pretty_dataset(str(config.get('dataset', run_dir.parent.name)))}"
+    dataset = RunFacts.from_dict(config, run_dir / CONFIG_FILE, partial=True).dataset or run_dir.parent.name
+    title = f"{run_name} on {pretty_dataset(str(dataset))}"
     planned = config.get("epochs")
     title += f" \u2014 epoch {len(epochs)}" + (f"/{planned}" if planned else "")
     if summary and as_number(summary.test_acc) is not None:

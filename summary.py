@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 
 import runs
-from run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFileError, Summary, as_number, read_metrics
+from run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFacts, RunFileError, Summary, as_number, read_metrics
 
 # Columns averaged over the runs of one summary row (mean, and sample std when there are several).
 AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
@@ -57,6 +57,7 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
     metrics = read_metrics(run_dir / METRICS_FILE)
     config = runs.read_json(run_dir / CONFIG_FILE) or {}
     summary = runs.read_record(run_dir / SUMMARY_FILE, Summary)
+    facts = RunFacts.from_dict(config, run_dir / CONFIG_FILE, partial=True)
     model, tag = split_run_name(run_dir.name, model_names)
     if "model" in config:
         model, tag = str(config["model"]), config.get("tag")
@@ -68,9 +69,9 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "run_dir": run_dir.name,
         "model": model,
         "tag": tag,
-        "validation": config.get("validation"),
-        "parameters": config.get("parameters"),
-        "flops": config.get("flops"),
+        "validation": facts.validation,
+        "parameters": facts.parameters,
+        "flops": facts.flops,
         "finished": summary is not None,
         "epochs": epochs_done,
         "planned_epochs": int(planned) if isinstance(planned, (int, float)) else None,
