@@ -125,7 +125,8 @@ class Settings:
                                  "seed; letters, digits, '.', '_', '-' [none]", type=tag_text)
     device: str = flag("auto", "training device [auto: cuda, then mps, then cpu]",
                        choices=list(DEVICE_CHOICES))
-    amp: str = flag("auto", "mixed precision autocast [auto: bf16 on CUDA, off elsewhere]",
+    amp: str = flag("auto", "mixed precision autocast [auto: bf16 on CUDA, off elsewhere]; on CUDA, off still "
+                            "runs convolutions and matrix products on TF32 tensor cores (10-bit mantissa)",
                     choices=list(AMP_CHOICES))
     channels_last: bool | None = flag(None, "channels_last memory format [on for CUDA, off elsewhere]",
                                       action=argparse.BooleanOptionalAction)

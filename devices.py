@@ -47,6 +47,14 @@ def accumulator_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read next measures the work, not its queueing."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def set_up_backends(device: torch.device, deterministic: bool) -> None:
     """The backend settings of training, shared with the benchmarks so that their figures are a run's."""
     if deterministic:
@@ -58,3 +66,12 @@ def set_up_backends(device: torch.device, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def torchvision_version() -> str | None:
+    """For config.json; imported only here, since training itself does not need torchvision."""
+    try:
+        import torchvision
+        return torchvision.__version__
+    except ImportError:
+        return None

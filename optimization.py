@@ -5,6 +5,7 @@ step a run takes and cannot drift from it.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,11 @@ from torch import nn
 
 from cli import Recipe
 from devices import autocast
+
+# Where SGD has a fused kernel that takes GradScaler's scale and inf flag on the device (CUDA; the CPU since torch
+# 2.4). Without one, GradScaler.step reads the inf flag back with .item() every step, which on a GPU makes the host
+# wait for it. MPS has a fused SGD since torch 2.5, but its fp16 path is untested here, so it keeps the plain one.
+FUSED_SGD_DEVICES = ("cuda", "cpu")
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -33,6 +39,9 @@ class Optimization:
     criterion: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
+    # Set while the parameters and momenta are being copied for a checkpoint (recording.py): the next
+    # update waits for it, while the forward and backward before it go ahead.
+    copying: threading.Event | None = None
 
     def step(self, net: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of SGD on one batch; the loss and logits, detached and left on the device (reading them
@@ -42,6 +51,9 @@ class Optimization:
             loss = self.criterion(logits.float(), labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if self.copying is not None:
+            self.copying.wait()
+            self.copying = None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
@@ -52,8 +64,7 @@ def make_optimization(net: nn.Module, recipe: Recipe, steps_per_epoch: int, devi
                       amp_dtype: torch.dtype | None) -> Optimization:
     """SGD with Nesterov momentum and weight decay, warmup then cosine per step over the recipe's epochs, a
     GradScaler that only fp16 autocast needs, and the cross-entropy loss."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay)
+    optimizer = _make_sgd(net, recipe, fused=amp_dtype is torch.float16 and device.type in FUSED_SGD_DEVICES)
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(recipe.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -61,3 +72,22 @@ def make_optimization(net: nn.Module, recipe: Recipe, steps_per_epoch: int, devi
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     return Optimization(optimizer, scheduler, scaler, criterion, device, amp_dtype)
+
+
+def _make_sgd(net: nn.Module, recipe: Recipe, fused: bool) -> torch.optim.SGD:
+    """The recipe's SGD, fused or torch's default implementation. Only fp16 asks for fused, for the sake of
+    GradScaler: the fused kernel rounds slightly differently, and the other precisions keep their numbers."""
+    # None, not False: False would also turn off the foreach implementation that CUDA takes by default.
+    choice = True if fused else None
+    optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
+                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay, fused=choice)
+
+    def keep_choice(loaded: torch.optim.Optimizer) -> None:
+        # load_state_dict puts back the saved groups' options, "fused" among them. A --resume may change --amp or
+        # --device, and a fused optimizer's step under GradScaler must run the fused kernel (the plain one refuses
+        # GradScaler's scale), so this run's choice wins over the saved one.
+        for group in loaded.param_groups:
+            group["fused"] = choice
+
+    optimizer.register_load_state_dict_post_hook(keep_choice)
+    return optimizer

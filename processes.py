@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from devices import pick_device, set_up_backends
-from errors import ProjectError, UsageError
+from errors import ProjectError, RunFailed, UsageError
 
 Result = TypeVar("Result")
 
@@ -50,14 +50,36 @@ def start_processes(device_name: str, deterministic: bool) -> Processes:
     if ddp:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no hang on a
+        # first collective that picks the wrong device).
+        options = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
     set_up_backends(device, deterministic)
     return Processes(ddp, rank, world_size, local_rank, device)
 
 
 def end_processes() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group so that its threads end here, not at interpreter exit: gloo's worker threads
+    still running while Python finalizes can abort the process ("terminate called without an active
+    exception", pytorch/pytorch#179291), and destroy_process_group joins them only once nothing holds the
+    group any more."""
+    import gc
+    import sys
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = dist.group.WORLD
+    gc.collect()  # whatever reference cycles still hold (a DDP reducer on an error path) goes while the group is up
+    dist.destroy_process_group()
+    # torch.distributed.nn.functional, when first imported after init_process_group (DDP imports torch._dynamo,
+    # which imports it), took the group as its collectives' default `group=group.WORLD`, which would keep it,
+    # and gloo's threads, alive until exit: give them back the default they get when imported before.
+    functional = sys.modules.get("torch.distributed.nn.functional")
+    for function in vars(functional).values() if functional is not None else ():
+        defaults = getattr(function, "__defaults__", None)
+        if defaults and any(value is group for value in defaults):
+            function.__defaults__ = tuple(None if value is group else value for value in defaults)
+    del group  # the last reference: the group is freed and its threads joined now
 
 
 def rank0_then_share(procs: Processes, attempt: Callable[[], Result]) -> Result | None:
@@ -83,6 +105,25 @@ def share_from_rank0(procs: Processes, value):
     shared = [value]
     dist.broadcast_object_list(shared, src=0)
     return shared[0]
+
+
+def stop_together(procs: Processes, error: ProjectError | None) -> None:
+    """Raise rank 0's error (a failed save, say) on every rank, so that all stop at the same point instead of
+    the others waiting in their next collective until torchrun kills them."""
+    if procs.ddp:
+        failed = torch.tensor([1.0 if error is not None else 0.0], device=procs.device)
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item() and error is None:
+            raise RunFailed("rank 0 could not save the run")  # rank 0 says what and where
+    if error is not None:
+        raise error
+
+
+def broadcast_buffers(net: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm's running statistics) on every rank: each rank's last training step
+    updated its own, and validation and the saved network must be the same on all."""
+    for buffer in net.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(tensor: torch.Tensor, ddp: bool) -> torch.Tensor:

@@ -76,7 +76,15 @@ class EpochMetrics:
     val_loss: float = column(".6f", "validation loss after the epoch", "loss/valid")
     val_acc: float = column(".6f", "validation top-1 accuracy after the epoch", "accuracy/valid")
     val_top5: float = column(".6f", "validation top-5 accuracy after the epoch", "accuracy/valid_top5")
-    epoch_seconds: float = column(".3f", "wall time of the epoch, validation included", "epoch_seconds")
+    epoch_seconds: float = column(".3f", "wall time of the epoch's steps and validation", "epoch_seconds")
+    train_seconds: float = column(".3f", "wall time of the epoch's training steps", "time/train_seconds",
+                                  default=math.nan)
+    val_seconds: float = column(".3f", "wall time of the validation after the epoch", "time/val_seconds",
+                                default=math.nan)
+    between_seconds: float = column(
+        ".3f", "wall time from the previous epoch's validation to this epoch's first step: what the loop waits "
+               "for between epochs (nan for the first epoch a process trains)", "time/between_seconds",
+        default=math.nan)
 
     def row(self) -> dict[str, str]:
         """The row as metrics.csv and last.pt's history hold it: each value in its column's format."""
@@ -217,8 +225,11 @@ class Summary(Record):
     final_test_top5: float
     final_test_loss: float
     validation: str
-    total_seconds: float
-    seconds_per_epoch: float
+    total_seconds: float  # the epochs' epoch_seconds summed
+    seconds_per_epoch: float  # their mean, the first epoch (compilation, autotuning) included
+    first_epoch_seconds: float | None = None  # added later: None in older summaries
+    steady_epoch_seconds: float | None = None  # the median epoch after the first
+    steady_between_seconds: float | None = None  # the median wait between epochs
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -17,6 +17,7 @@ import os
 import random
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -275,19 +276,21 @@ def lock_run_folder(run_dir: Path) -> BinaryIO:
 # Random-number state and the log
 
 
-def get_rng_state() -> dict:
+def get_rng_state(device=None) -> dict:
+    """The global generators' states; of the GPUs, only the training device's (a run may be resumed with
+    fewer GPUs visible)."""
     import torch
     _, numpy_keys, numpy_pos, numpy_has_gauss, numpy_gauss = np.random.get_state()
     python_version, python_internal, python_gauss = random.getstate()
     state = {"torch": torch.get_rng_state(),
              "numpy": [numpy_keys.tolist(), numpy_pos, numpy_has_gauss, numpy_gauss],
              "python": [python_version, list(python_internal), python_gauss]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device=None) -> None:
     # Batches draw from their own (seed, epoch) generator; these only matter to code that uses the
     # global generators (dropout, say), restored so that a resumed run behaves like an unbroken one.
     import torch
@@ -297,8 +300,62 @@ def set_rng_state(state: dict) -> None:
                          numpy_has_gauss, numpy_gauss))
     python_version, python_internal, python_gauss = state["python"]
     random.setstate((python_version, tuple(python_internal), python_gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, (list, tuple)):  # older runs saved every visible GPU's; take the device's
+        index = (device.index or 0) if device is not None else 0
+        cuda_state = cuda_state[index] if index < len(cuda_state) else None
+    if cuda_state is not None and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
+
+
+def cpu_copy(state, reuse=None):
+    """A copy of a (nested) state on the CPU that later training steps cannot change: tensors copied, the
+    rest as it is. reuse: an earlier copy of the same state, whose tensors are copied into instead of
+    allocating new ones (fresh memory costs more than the copy itself)."""
+    import torch
+    if isinstance(state, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == state.shape and reuse.dtype == state.dtype
+                and reuse.device.type == "cpu"):
+            return reuse.copy_(state.detach())
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        reuse = reuse if isinstance(reuse, dict) else {}
+        return {key: cpu_copy(value, reuse.get(key)) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        reuse = reuse if isinstance(reuse, (list, tuple)) and len(reuse) == len(state) else [None] * len(state)
+        return type(state)(cpu_copy(value, old) for value, old in zip(state, reuse))
+    return state
+
+
+class BackgroundWriter:
+    """Runs the writes of one epoch on a thread of its own while the next epoch trains. One job at a time:
+    submit() first waits for the previous one, so files are written in order and a save never overtakes
+    another. A job's WriteFailed is raised by the next submit() or wait(), on the training thread. Each
+    file is still written atomically, so a SIGKILL at any moment leaves every file whole."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="run-writer")
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as err:  # handed to the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Until the job in flight is done; its error, if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
 def make_logger(master: bool, run_dir: Path, log_lines: list[str]) -> Callable[[str], None]:

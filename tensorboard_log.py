@@ -11,6 +11,7 @@ says in one line how to install it.
 """
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -77,5 +78,5 @@ def write_scalars(writer, row: dict) -> None:
     epoch = int(row["epoch"])
     for column, tag in SCALAR_TAGS.items():
         value = row.get(column)
-        if value not in (None, ""):
+        if value not in (None, "") and math.isfinite(float(value)):  # nan: not measured (an older run)
             writer.add_scalar(tag, float(value), global_step=epoch)

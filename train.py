@@ -12,13 +12,13 @@ on its share of every global batch, and only rank 0 prints and writes.
 from __future__ import annotations
 
 import dataclasses
+import math
 import platform
 import random
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ import plot
 import run_files
 import runs
 import tensorboard_log
-from devices import accumulator_dtype, resolve_amp
+from devices import accumulator_dtype, resolve_amp, synchronize, torchvision_version
 from errors import INTERRUPTED_EXIT, RunFailed, UsageError, run_command
 from evaluation import evaluate, evaluate_checkpoint, predict_images, rates
 from model import build_model, count_flops, count_parameters, describe_model, format_flops, models_in
@@ -39,14 +39,17 @@ from optimization import Optimization, make_optimization
 from processes import (
     Processes,
     all_reduce_sum,
+    broadcast_buffers,
     end_processes,
     is_master,
     rank0_then_share,
     share_from_rank0,
     start_processes,
+    stop_together,
 )
+from recording import Output, timings
 from run_data import Data, load_data
-from run_files import BestCheckpoint, EpochMetrics, LastCheckpoint, RunFacts, Summary
+from run_files import EpochMetrics, LastCheckpoint, RunFacts, Summary
 
 # What differs between the datasets is data: how to load one and how many classes it has.
 DATASETS = {"cifar10": (load_data_cifar10.load_cifar10, load_data_cifar10.CIFAR10),
@@ -156,10 +159,15 @@ def build_training(run: Run, num_classes: int, steps_per_epoch: int) -> Training
     if procs.ddp:
         if recipe.sync_bn:
             net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # SyncBatchNorm keeps every rank's running statistics the same, so broadcasting rank 0's before
+        # every forward would only cost time; without it rank 0's are used (and broadcast before validating).
         net = nn.parallel.DistributedDataParallel(
-            net, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None)
+            net, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
+            broadcast_buffers=not recipe.sync_bn)
     if run.config.settings.compile:
-        net = torch.compile(net)
+        # Static shapes: the last, smaller batch compiles a graph of its own once, instead of a dynamic
+        # graph that would then serve every full batch too (slower); nothing compiles after epoch 1.
+        net = torch.compile(net, dynamic=False)
     optimization = make_optimization(raw_net, recipe, steps_per_epoch, procs.device, run.amp_dtype)
     return Training(raw_net, net, optimization, parameters, flops)
 
@@ -174,16 +182,8 @@ def run_facts(run: Run, num_classes: int, data: Data, training: Training) -> Run
         train_images=data.train_count, val_images=data.val_count, device=str(device),
         gpu_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         amp=run.amp_name, channels_last=run.channels_last, world_size=run.procs.world_size,
-        torch_version=str(torch.__version__), torchvision_version=_torchvision_version(),
+        torch_version=str(torch.__version__), torchvision_version=torchvision_version(),
         python_version=platform.python_version(), classes=data.classes, command=run.config.command)
-
-
-def _torchvision_version() -> str | None:
-    try:
-        import torchvision
-        return torchvision.__version__
-    except ImportError:
-        return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,37 +198,34 @@ class Progress:
     best: dict
     start_epoch: int
     log_lines: list[str]
-    saved_epochs: int  # what last.pt holds: what a --resume would continue from
+    validated_at: float | None = None  # when the last epoch's validation ended (perf_counter)
 
 
-def restore(checkpoint: LastCheckpoint | None, training: Training, run_dir: Path) -> Progress:
+def restore(checkpoint: LastCheckpoint | None, training: Training, run: Run) -> Progress:
     """A fresh start, or everything last.pt saved put back."""
     if checkpoint is None:
-        return Progress([], {"epoch": 0, "val_acc": -1.0}, 0, [], 0)
+        return Progress([], {"epoch": 0, "val_acc": -1.0}, 0, [])
     training.raw_net.load_state_dict(checkpoint.model)
     training.optimization.optimizer.load_state_dict(checkpoint.optimizer)
     training.optimization.scheduler.load_state_dict(checkpoint.scheduler)
-    training.optimization.scaler.load_state_dict(checkpoint.scaler)
-    runs.set_rng_state(checkpoint.rng)
-    log_path = run_dir / run_files.LOG_FILE
+    scaler = training.optimization.scaler
+    # --amp is a setting: a run may go on in another precision (fp16 on an older GPU, say). A scaler of a
+    # run without fp16 saved nothing, and one the new precision does not use is not restored.
+    if scaler.is_enabled() and checkpoint.scaler:
+        scaler.load_state_dict(checkpoint.scaler)
+    runs.set_rng_state(checkpoint.rng, run.procs.device)
+    log_path = run.folder / run_files.LOG_FILE
     log_lines = log_path.read_text().splitlines() if log_path.exists() else []
     history = [run_files.complete_row(row) for row in checkpoint.history]
-    return Progress(history, checkpoint.best, checkpoint.epoch, log_lines, checkpoint.epoch)
-
-
-@dataclass
-class Output:
-    """What rank 0 writes besides the checkpoints: config.json's content, the log, the TensorBoard events."""
-
-    config: dict
-    say: Callable[[str], None]
-    epoch_log: tensorboard_log.EpochLog | None = None
+    return Progress(history, checkpoint.best, checkpoint.epoch, log_lines)
 
 
 def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> None:
     """Rank 0, in the locked run folder: say what runs, write config.json (and, on a resume, metrics.csv
     from last.pt, in case a kill came between the two)."""
     say, config, recipe = output.say, output.config, run.recipe
+    for note in output.notes:
+        say(note)
     if resumed and progress.start_epoch >= recipe.epochs:
         say(f"Finishing {run.folder}: its {progress.start_epoch} epochs are saved, its end-of-run tests not")
     elif resumed:
@@ -272,9 +269,12 @@ def train(args, dataset: str, argv: list[str]) -> int:
     data = load_data(recipe, load_dataset, config.settings.data_dir, procs, run.channels_last)
     training = build_training(run, spec.num_classes, len(data.train_batches))
     facts = run_facts(run, spec.num_classes, data, training)
-    progress = restore(checkpoint, training, run_dir)
-    output = Output({**config.flags(), **facts.to_dict()},
-                    runs.make_logger(procs.master, run_dir, progress.log_lines))
+    progress = restore(checkpoint, training, run)
+    output = Output(run_dir, {**config.flags(), **facts.to_dict()},
+                    runs.make_logger(procs.master, run_dir, progress.log_lines), progress.start_epoch)
+    if checkpoint is not None and checkpoint.config.get("amp", amp_name) != amp_name:
+        output.notes.append(f"--amp changed from {checkpoint.config.get('amp')} to {amp_name} on resume: "
+                            "the loss scaler starts afresh")
     return train_in_folder(run, (data, training, progress, output), checkpoint is not None, folder_state)
 
 
@@ -297,13 +297,15 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
             finish(run, data, training, progress, output)
     except KeyboardInterrupt:
         if run.procs.master:
-            saved = progress.saved_epochs
+            output.settle()  # the epoch being saved is saved (or its failure kept nothing new)
+            saved = output.saved_epochs
             print(f"\nInterrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run.folder}; "
                   "continue with the same command and --resume", file=sys.stderr)
         return INTERRUPTED_EXIT
     except runs.WriteFailed as err:
-        raise RunFailed(f"{err}; {runs.what_is_kept(run.folder, progress.saved_epochs)}") from None
+        raise RunFailed(f"{err}; {runs.what_is_kept(run.folder, output.saved_epochs)}") from None
     finally:
+        output.settle()
         if output.epoch_log is not None:
             output.epoch_log.close()
         if lock is not None:
@@ -315,19 +317,26 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
 
 def run_epoch(run: Run, data: Data, training: Training, progress: Progress, output: Output,
               epoch: int) -> None:
-    """Train one epoch, validate, and record it (rank 0 saves last.pt, best.pt, metrics.csv and the log)."""
+    """Train one epoch, validate, and record it. Timed apart: the steps, the validation, and the work
+    between the previous epoch's validation and this epoch's first step (saving, mostly)."""
     started = time.perf_counter()
+    between = started - progress.validated_at if progress.validated_at is not None else math.nan
     train_totals = train_epoch(run, data, training, progress, epoch)
+    synchronize(run.procs.device)
+    trained = time.perf_counter()
+    if run.procs.ddp:  # every rank validates the network rank 0 saves, with rank 0's BatchNorm statistics
+        broadcast_buffers(training.raw_net)
     val_totals, _ = evaluate(training.raw_net, data.val_batches, run.amp_dtype)
     val_totals = all_reduce_sum(val_totals, run.procs.ddp)
-    if run.procs.device.type == "cuda":
-        torch.cuda.synchronize(run.procs.device)
+    synchronize(run.procs.device)
+    progress.validated_at = time.perf_counter()
     validation = rates(val_totals)
     loss, hits, count = train_totals.tolist()
     metrics = EpochMetrics(
         epoch=epoch, lr=training.optimization.optimizer.param_groups[0]["lr"], train_loss=loss / count,
         train_acc=hits / count, val_loss=validation.loss, val_acc=validation.acc, val_top5=validation.top5,
-        epoch_seconds=time.perf_counter() - started)
+        epoch_seconds=progress.validated_at - started, train_seconds=trained - started,
+        val_seconds=progress.validated_at - trained, between_seconds=between)
     record_epoch(run, training, progress, output, metrics)
 
 
@@ -361,36 +370,21 @@ def train_epoch(run: Run, data: Data, training: Training, progress: Progress, ep
 
 def record_epoch(run: Run, training: Training, progress: Progress, output: Output,
                  metrics: EpochMetrics) -> None:
+    """The epoch into the history and, on rank 0, its files written in the background from CPU copies;
+    under torchrun every rank stops with rank 0 when its previous save failed."""
     row = metrics.row()
     recorded = EpochMetrics.from_row(row)  # the figures as metrics.csv holds them, which the best is picked on
-    epoch, raw_net, optimization = metrics.epoch, training.raw_net, training.optimization
     progress.history.append(row)
-    if recorded.val_acc > progress.best["val_acc"]:
-        progress.best = {"epoch": epoch, "val_acc": recorded.val_acc}
-        if run.procs.master:
-            runs.save_checkpoint(run.folder / run_files.BEST_CHECKPOINT, BestCheckpoint(
-                model=raw_net.state_dict(), model_name=run.recipe.model, num_classes=output.config["num_classes"],
-                mean=output.config["mean"], std=output.config["std"], dataset=run.config.dataset, epoch=epoch,
-                val_acc=recorded.val_acc, classes=output.config["classes"]).to_dict())
-    if not run.procs.master:
-        return
-    # last.pt first: it is the truth a resume starts from, metrics.csv is rebuilt from it.
-    runs.save_checkpoint(run.folder / run_files.LAST_CHECKPOINT, LastCheckpoint(
-        config=output.config, epoch=epoch, model=raw_net.state_dict(),
-        optimizer=optimization.optimizer.state_dict(), scheduler=optimization.scheduler.state_dict(),
-        scaler=optimization.scaler.state_dict(), rng=runs.get_rng_state(), history=progress.history,
-        best=progress.best).to_dict())
-    progress.saved_epochs = epoch
-    if epoch == progress.start_epoch + 1:
-        for stale in run_files.END_OF_RUN_FILES:
-            runs.remove_file(run.folder / stale)  # they described an older state
-    runs.write_metrics(run.folder / run_files.METRICS_FILE, progress.history)
-    plot.plot_curves(run.folder)
-    output.say(f"Epoch {epoch}/{run.recipe.epochs}, Train Loss: {recorded.train_loss:.4f}, "
-               f"Train Accuracy: {recorded.train_acc:.4f}, Valid Loss: {recorded.val_loss:.4f}, "
-               f"Valid Accuracy: {recorded.val_acc:.4f}, Time: {recorded.epoch_seconds:.2f}s")
-    if output.epoch_log is not None:  # after last.pt, so a resume never writes an epoch twice
-        output.epoch_log.write(row)
+    new_best = recorded.val_acc > progress.best["val_acc"]
+    if new_best:
+        progress.best = {"epoch": metrics.epoch, "val_acc": recorded.val_acc}
+    failure = None
+    if run.procs.master:
+        try:
+            output.save_epoch(run, training, progress, recorded, new_best)
+        except runs.WriteFailed as err:  # the previous epoch's
+            failure = err
+    stop_together(run.procs, failure)
 
 
 def check_divergence(run: Run, first_bad_step: torch.Tensor, epoch: int, saved_epochs: int) -> None:
@@ -416,6 +410,7 @@ def _progress_bar(run: Run, total: int, epoch: int):
 
 
 def finish(run: Run, data: Data, training: Training, progress: Progress, output: Output) -> None:
+    output.writer.wait()  # the last epoch's files, best.pt first among them
     output.say("Training Finished")
     raw_net = training.raw_net
     test_batches = data.test_batches(max(256, run.recipe.batch_size))
@@ -423,15 +418,13 @@ def finish(run: Run, data: Data, training: Training, progress: Progress, output:
     raw_net.load_state_dict(runs.load_checkpoint(run.folder / run_files.BEST_CHECKPOINT)["model"])
     best_test = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
     history, best = [EpochMetrics.from_row(row) for row in progress.history], progress.best
-    seconds = [epoch.epoch_seconds for epoch in history]
     summary = Summary(
         model=run.recipe.model, dataset=run.config.dataset, epochs=len(history), best_epoch=best["epoch"],
         best_val_acc=best["val_acc"], final_train_loss=history[-1].train_loss,
         final_train_acc=history[-1].train_acc, final_val_loss=history[-1].val_loss,
         final_val_acc=history[-1].val_acc, test_acc=best_test.acc, test_top5=best_test.top5,
         test_loss=best_test.loss, final_test_acc=final.acc, final_test_top5=final.top5,
-        final_test_loss=final.loss, validation=data.validation, total_seconds=round(sum(seconds), 3),
-        seconds_per_epoch=round(sum(seconds) / len(seconds), 3))
+        final_test_loss=final.loss, validation=data.validation, **timings(history))
     runs.write_text(run.folder / run_files.SUMMARY_FILE, run_files.json_text(summary))
     try:
         plot.plot_curves(run.folder)  # once more, now that the title can carry the test accuracy

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import run_files
 import train
 from conftest import REPO_ROOT, write_pickle
 
@@ -63,14 +64,17 @@ def test_a_run_writes_every_file_with_the_documented_contents(finished_run):
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
     rows = read_metrics(run_dir)
-    assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc",
-                             "val_top5", "epoch_seconds"]
+    assert list(rows[0]) == list(run_files.METRIC_COLUMNS)
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     for row in rows:
         for column in ("train_acc", "val_acc", "val_top5"):
             assert 0.0 <= float(row[column]) <= 1.0
         assert float(row["val_top5"]) >= float(row["val_acc"])
-        assert float(row["epoch_seconds"]) > 0
+        assert float(row["epoch_seconds"]) == pytest.approx(
+            float(row["train_seconds"]) + float(row["val_seconds"]), abs=0.002)
+        assert float(row["train_seconds"]) > 0 and float(row["val_seconds"]) > 0
+    # the wait between epochs is timed from the second epoch on; the first has none in this process
+    assert rows[0]["between_seconds"] == "nan" and 0 <= float(rows[1]["between_seconds"]) < 5
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # cosine decay towards zero
     assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     config = json.loads((run_dir / "config.json").read_text())
@@ -85,7 +89,8 @@ def test_a_run_writes_every_file_with_the_documented_contents(finished_run):
     assert summary["best_val_acc"] == pytest.approx(float(best_row["val_acc"]))
     assert summary["final_val_acc"] == pytest.approx(float(rows[-1]["val_acc"]))
     for key in ("test_acc", "test_top5", "test_loss", "final_train_loss", "final_train_acc",
-                "final_val_loss", "total_seconds", "seconds_per_epoch"):
+                "final_val_loss", "total_seconds", "seconds_per_epoch", "first_epoch_seconds",
+                "steady_epoch_seconds", "steady_between_seconds"):
         assert isinstance(summary[key], float), key
     checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     assert checkpoint["epoch"] == 2 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(checkpoint)
@@ -139,7 +144,7 @@ def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path):
     assert "Resuming" in resumed.stdout
 
     def without_time(rows):
-        return [{key: value for key, value in row.items() if key != "epoch_seconds"} for row in rows]
+        return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
     assert without_time(read_metrics(run_dir)) == without_time(
         read_metrics(tmp_path / "reference" / "cifar10" / "cnn_base"))
 
@@ -246,27 +251,37 @@ def test_a_diverging_loss_stops_with_exit_1(cifar10_dir, tmp_path):
     assert_one_line_error(completed.stderr, "NaN", "epoch 1", "step", "--lr")
 
 
+def torchrun(args):
+    """main_cifar10.py under torchrun, two processes; a free port of its own for every call (--standalone:
+    rendezvous on localhost:0), never a fixed one that another run may hold."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "main_cifar10.py", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+
+
 def test_torchrun_two_processes_write_one_run(cifar10_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                "--master_port=29517", "main_cifar10.py"]
     # gloo on the CPU, so that this runs on a one-GPU machine too
-    cpu_run = tiny_args(cifar10_dir, tmp_path, "--device", "cpu", subset=200)
-    completed = subprocess.run([*torchrun, *cpu_run],
-                               cwd=REPO_ROOT, capture_output=True, text=True, env=env, timeout=300)
+    completed = torchrun(tiny_args(cifar10_dir, tmp_path, "--device", "cpu", subset=200))
     assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr  # a rank aborting at exit
     run_dir = tmp_path / "cifar10" / "cnn_base"
     assert [path.name for path in (tmp_path / "cifar10").iterdir()] == ["cnn_base"]
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
     assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
     assert completed.stdout.count("Model Saved") == 1
 
-    odd = tiny_args(cifar10_dir, tmp_path / "odd", "--device", "cpu", "--batch-size", "63")
-    completed = subprocess.run([*torchrun, *odd], cwd=REPO_ROOT, capture_output=True, text=True,
-                               env=env, timeout=300)
+
+def test_torchrun_refuses_a_batch_size_the_processes_cannot_share(cifar10_dir, tmp_path):
+    completed = torchrun(tiny_args(cifar10_dir, tmp_path, "--device", "cpu", "--batch-size", "63"))
     assert completed.returncode != 0
-    assert "--batch-size 63 is not divisible" in completed.stderr
-    assert not (tmp_path / "odd" / "cifar10").exists()
+    # Every rank refuses with the usage exit code (2), but only rank 0 prints why, and torchrun stops the
+    # other rank as soon as one ends: so not rank 0's message but the exit code of the first rank to end,
+    # which torchrun reports as the root cause, whichever rank that is.
+    root_cause = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", completed.stderr, re.DOTALL)
+    assert root_cause and root_cause.group(1) == "2", completed.stderr[-3000:]
+    assert "terminate called" not in completed.stderr
+    assert not (tmp_path / "cifar10").exists()
 
 
 def test_cifar100_runs_with_100_classes(cifar100_dir, tmp_path):
