@@ -4,7 +4,9 @@ its answer or its error. Under torchrun only rank 0 prints and writes.
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
@@ -63,9 +65,6 @@ def end_processes() -> None:
     still running while Python finalizes can abort the process ("terminate called without an active
     exception", pytorch/pytorch#179291), and destroy_process_group joins them only once nothing holds the
     group any more."""
-    import gc
-    import sys
-
     if not (dist.is_available() and dist.is_initialized()):
         return
     group = dist.group.WORLD
