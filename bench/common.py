@@ -22,6 +22,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from anywhere
 import cli
 import runs
+from devices import synchronize
 from errors import UsageError
 from load_data_cifar10 import NUM_CLASSES
 from model import build_model
@@ -57,14 +58,6 @@ def describe_run(device: torch.device) -> dict:
 def print_run(run: dict) -> None:
     print(f"machine: {run['machine']}; device {run['device']}")
     print(f"versions: torch {run['torch']}, torchvision {run['torchvision']}, python {run['python']}; {run['date']}")
-
-
-def synchronize(device: torch.device) -> None:
-    """Waits for the queued GPU work, so that a timer stopped next measures the work and not its queueing."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def seconds(action, device: torch.device) -> float:

@@ -2,7 +2,8 @@
 # The checks to run, in one go, when a session is lent a GPU: on a fresh machine that has only the working
 # tree and the CIFAR-10 archive carried in the git-ignored folder .gpu/, in at most 9 minutes.
 #
-#   mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.xz ../shared/data/make_cifar10.py .gpu/   # here
+#   mkdir -p .gpu && cp /path/to/cifar-10-python.tar.gz .gpu/   # here: the official archive, or a
+#       make_cifar10.py with the cifar10-jpeg.tar.xz it builds cifar-10-batches-py from
 #   bash bench/gpu_session.sh [DATA_DIR]      # there: device run with carry [".gpu"]; DATA_DIR: data
 #
 # Steps, in order of importance, each under its own time limit so that one that hangs does not cost the
@@ -133,11 +134,15 @@ data_step() {
     for file in data_batch_1 data_batch_2 data_batch_3 data_batch_4 data_batch_5 test_batch batches.meta; do
         [[ -f $folder/$file ]] || missing=1  # make_cifar10.py writes batches.meta last
     done
+    if ((missing)) && [[ -f .gpu/cifar-10-python.tar.gz ]]; then
+        echo "copying .gpu/cifar-10-python.tar.gz to $data_dir: the project's loader checks and extracts it"
+        mkdir -p "$data_dir" && cp .gpu/cifar-10-python.tar.gz "$data_dir/" || return
+        missing=0
+    fi
     if ((missing)); then
         if [[ ! -f .gpu/make_cifar10.py || ! -f .gpu/cifar10-jpeg.tar.xz ]]; then
-            echo "no $folder, and no .gpu/make_cifar10.py with .gpu/cifar10-jpeg.tar.xz to build it from;"
-            echo "before the device call: mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.xz" \
-                 "../shared/data/make_cifar10.py .gpu/  and carry .gpu"
+            echo "no $folder, no .gpu/cifar-10-python.tar.gz and no .gpu/make_cifar10.py with"
+            echo ".gpu/cifar10-jpeg.tar.xz to build it from; put one of them into .gpu/ and carry .gpu"
             return 2
         fi
         echo "building $folder from .gpu/cifar10-jpeg.tar.xz"
