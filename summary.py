@@ -70,8 +70,8 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "model": model,
         "tag": tag,
         "validation": facts.validation,
-        "parameters": facts.parameters,
-        "flops": facts.flops,
+        "parameters": _whole_number(facts.parameters),
+        "flops": _whole_number(facts.flops),
         "finished": summary is not None,
         "epochs": epochs_done,
         "planned_epochs": int(planned) if isinstance(planned, (int, float)) else None,
@@ -85,6 +85,12 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
         "metrics": metrics,
     }
+
+
+def _whole_number(value: object) -> int | None:
+    """A count from config.json, or None when a damaged or crafted file holds something else there."""
+    number = as_number(value)
+    return None if number is None else int(number)
 
 
 def read_runs(dataset_dir: Path, model_names: list[str]) -> list[dict]:

@@ -1,15 +1,36 @@
 """Shared test setup: the repository root on sys.path, and full-size CIFAR folders made of synthetic
 images in the official python format (nothing is downloaded)."""
 import pickle
+import re
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+# A line Python's warnings module prints ("file.py:12: DeprecationWarning: ..."), then the source line it quotes.
+WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+def message_lines(stderr: str) -> list[str]:
+    """What a command said on stderr, without the warnings a library may print as it is imported (a new
+    version of one must not break the tests that expect a one-line error)."""
+    lines, skip_source = [], False
+    for line in stderr.splitlines():
+        if WARNING_LINE.match(line):
+            skip_source = True
+        elif skip_source and line.startswith("  "):
+            skip_source = False
+        elif line.strip():
+            skip_source = False
+            lines.append(line)
+    return lines
+
 
 def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """N x 3072 uint8 images a small network can learn: a class-coloured square on noise."""
@@ -62,3 +83,21 @@ def cifar100_dir(tmp_path_factory) -> Path:
     write_pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
                                    "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     return root
+
+
+@pytest.fixture(scope="module")
+def keep_global_torch_settings():
+    """--deterministic in-process switches torch to deterministic algorithms and sets cuBLAS's workspace;
+    put both back for the other modules."""
+    enabled = torch.are_deterministic_algorithms_enabled()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+        yield
+    torch.use_deterministic_algorithms(enabled)
+
+
+@pytest.fixture(scope="session")
+def model_table() -> str:
+    """README's model table as the code computes it (every model's size and cost: seconds), once a session."""
+    from model import model_table_markdown
+    return model_table_markdown()

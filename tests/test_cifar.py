@@ -238,6 +238,44 @@ def test_crafted_pickle_is_refused_and_its_payload_never_runs(tmp_path, payload)
     assert not marker.exists()
 
 
+def pickled(value) -> bytes:
+    """The opcodes that push `value` (a tuple or str) on the unpickler's stack."""
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+GLOBAL = pickle.GLOBAL
+# Each pickle below reaches one check of the safe unpickler through names it allows.
+CRAFTED = {
+    "not-an-ndarray": (b"\x80\x02" + GLOBAL + b"numpy._core.multiarray\n_reconstruct\n" + GLOBAL + b"numpy\ndtype\n"
+                       + pickled((0,)) + pickled("b") + pickle.TUPLE3 + pickle.REDUCE + pickle.STOP,
+                       "asks to rebuild"),
+    "float-dtype": (b"\x80\x02" + GLOBAL + b"numpy\ndtype\n" + pickled(("f8", False, True)) + pickle.REDUCE
+                    + pickle.STOP, "asks for dtype 'f8'"),
+    "object-dtype": (b"\x80\x02" + GLOBAL + b"numpy\ndtype\n" + pickled(("O", False, True)) + pickle.REDUCE
+                     + pickle.STOP, "asks for dtype 'O'"),
+    "integer-dtype-with-fields": (b"\x80\x02" + GLOBAL + b"numpy\ndtype\n"
+                                  + pickled((("i4", [("a", "i2"), ("b", "i2")]),)) + pickle.REDUCE + pickle.STOP,
+                                  "asks for dtype"),
+    "utf-16-codec": (b"\x80\x02" + GLOBAL + b"_codecs\nencode\n" + pickled(("abc", "utf-16")) + pickle.REDUCE
+                     + pickle.STOP, "'utf-16' codec"),
+    "numpy-function": (b"\x80\x02" + GLOBAL + b"numpy\nload\n" + pickled(("x.npy",)) + pickle.REDUCE + pickle.STOP,
+                       "numpy.load"),
+}
+
+
+@pytest.mark.parametrize("name", list(CRAFTED))
+def test_every_check_of_the_safe_unpickler_refuses_in_one_line(tmp_path, name):
+    crafted, reason = CRAFTED[name]
+    write_cifar10(tmp_path)
+    bad_file = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    bad_file.write_bytes(crafted)
+    with pytest.raises(DataError) as error:
+        load_cifar(TINY_CIFAR10, tmp_path, download=False)
+    message = str(error.value)
+    assert str(bad_file) in message and "was not loaded" in message and reason in message, message
+    assert "\n" not in message
+
+
 def truncate(folder: Path) -> str:
     path = folder / "data_batch_2"
     path.write_bytes(path.read_bytes()[:5000])

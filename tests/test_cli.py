@@ -6,8 +6,9 @@ import sys
 import pytest
 
 import cli
-from conftest import REPO_ROOT
-from model import FAMILIES, MODELS, model_table_markdown, models_in
+import train
+from conftest import REPO_ROOT, message_lines
+from model import FAMILIES, MODELS, models_in
 
 
 def run(*args):
@@ -28,50 +29,56 @@ def test_list_models_prints_every_flag_the_course_15_first(script):
     assert completed.stdout.splitlines()[:15] == COURSE_15
 
 
-def test_list_models_course_prints_the_course_15_for_sweeps_that_keep_to_them():
-    completed = run("main_cifar10.py", "--list-models", "course")
-    assert completed.returncode == 0
-    assert completed.stdout.splitlines() == COURSE_15
+def in_process(dataset: str, *argv: str, capsys) -> tuple[int, str, str]:
+    """The entry script's main in this process (the real processes are tested above): exit code, stdout, stderr."""
+    code = train.main(dataset, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
-def test_list_models_of_a_family_prints_its_members_in_registry_order():
-    completed = run("main_cifar10.py", "--list-models", "densenet")
-    assert completed.returncode == 0
-    assert completed.stdout.splitlines() == ["cnn_densenet121", "cnn_densenet169", "cnn_densenet201",
-                                             "cnn_densenet264"]
+def test_list_models_course_prints_the_course_15_for_sweeps_that_keep_to_them(capsys):
+    code, out, _ = in_process("cifar10", "--list-models", "course", capsys=capsys)
+    assert code == 0
+    assert out.splitlines() == COURSE_15
+
+
+def test_list_models_of_a_family_prints_its_members_in_registry_order(capsys):
+    code, out, _ = in_process("cifar10", "--list-models", "densenet", capsys=capsys)
+    assert code == 0
+    assert out.splitlines() == ["cnn_densenet121", "cnn_densenet169", "cnn_densenet201", "cnn_densenet264"]
     every_family = [name for family in FAMILIES for name in models_in(family)]
     assert sorted(every_family) == sorted(MODELS)  # each model in exactly one listed family
 
 
-def test_list_models_of_an_unknown_family_is_one_line_exit_2():
-    completed = run("main_cifar10.py", "--list-models", "transformers")
-    assert completed.returncode == 2 and completed.stdout == ""
-    assert len(completed.stderr.splitlines()) == 1 and "course" in completed.stderr
+def test_list_models_of_an_unknown_family_is_one_line_exit_2(capsys):
+    code, out, err = in_process("cifar10", "--list-models", "transformers", capsys=capsys)
+    assert code == 2 and out == ""
+    assert len(message_lines(err)) == 1 and "course" in err
 
 
-def test_summary_prints_the_network_its_size_and_cost_for_the_dataset():
-    completed = run("main_cifar100.py", "--model", "cnn_resnet34", "--summary")
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout.startswith("ResNet(")
-    assert "(fc): Linear(in_features=512, out_features=100, bias=True)" in completed.stdout
-    assert "Parameters: 21,328,292" in completed.stdout
-    assert re.search(r"FLOPs: 2\.319 GFLOPs", completed.stdout)
+def test_summary_prints_the_network_its_size_and_cost_for_the_dataset(capsys):
+    code, out, err = in_process("cifar100", "--model", "cnn_resnet34", "--summary", capsys=capsys)
+    assert code == 0, err
+    assert out.startswith("ResNet(")
+    assert "(fc): Linear(in_features=512, out_features=100, bias=True)" in out
+    assert "Parameters: 21,328,292" in out
+    assert re.search(r"FLOPs: 2\.319 GFLOPs", out)
 
 
-def test_summary_of_base_cnn_on_cifar10():
-    completed = run("main_cifar10.py", "--model", "cnn_base", "--summary")
-    assert completed.returncode == 0
-    assert "(fc3): Linear(in_features=84, out_features=10, bias=True)" in completed.stdout
-    assert "Parameters: 62,006" in completed.stdout
+def test_summary_of_base_cnn_on_cifar10(capsys):
+    code, out, _ = in_process("cifar10", "--model", "cnn_base", "--summary", capsys=capsys)
+    assert code == 0
+    assert "(fc3): Linear(in_features=84, out_features=10, bias=True)" in out
+    assert "Parameters: 62,006" in out
 
 
-def test_an_unknown_model_is_a_usage_error_listing_the_choices():
-    completed = run("main_cifar10.py", "--model", "cnn_resnet19")
-    assert completed.returncode == 2
-    assert "Traceback" not in completed.stderr
-    assert "invalid choice: 'cnn_resnet19'" in completed.stderr
-    assert "cnn_se_resnet152" in completed.stderr and "--help" in completed.stderr
-    assert len(completed.stderr.splitlines()) == 1
+def test_an_unknown_model_is_a_usage_error_listing_the_choices(capsys):
+    code, _, err = in_process("cifar10", "--model", "cnn_resnet19", capsys=capsys)
+    assert code == 2
+    assert "Traceback" not in err
+    assert "invalid choice: 'cnn_resnet19'" in err
+    assert "cnn_se_resnet152" in err and "--help" in err
+    assert len(message_lines(err)) == 1
 
 
 def test_every_flag_has_help():
@@ -91,8 +98,8 @@ def test_device_report_names_torch_and_the_device():
         assert lines[3].startswith("GPU 0: ")
 
 
-def test_readme_model_table_equals_what_the_code_computes():
+def test_readme_model_table_equals_what_the_code_computes(model_table):
     readme = (REPO_ROOT / "README.md").read_text()
     match = re.search(r"<!-- model-table -->\n(.*?)<!-- /model-table -->", readme, re.S)
     assert match, "README.md lost its model-table markers"
-    assert match.group(1) == model_table_markdown()
+    assert match.group(1) == model_table

@@ -26,6 +26,7 @@ from conftest import REPO_ROOT
 from errors import UsageError
 
 NO_SPACE = "No space left on device"
+pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
 
 
 def fault_args(data_dir, results_dir, *extra) -> list[str]:
@@ -52,17 +53,6 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> No
         assert process.poll() is None, f"the process ended (exit {process.returncode}) before it got there"
         assert time.time() < deadline, "timed out"
         time.sleep(0.05)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def keep_global_torch_settings():
-    """--deterministic in-process switches torch to deterministic algorithms and sets cuBLAS's workspace;
-    put both back for the other modules."""
-    enabled = torch.are_deterministic_algorithms_enabled()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-        yield
-    torch.use_deterministic_algorithms(enabled)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -98,6 +88,7 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
         first = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  stdout=subprocess.DEVNULL, stderr=first_err)
+    children = [first]
     try:
         log = run_dir / run_files.LOG_FILE
         wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
@@ -105,8 +96,9 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
 
         # The same command, --eval-only and plot.py, together while the first trains.
         def start(*command):
-            return subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
+            children.append(subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                                             stderr=subprocess.PIPE, text=True))
+            return children[-1]
         second = start("main_cifar10.py", *args)
         evaluating = start("main_cifar10.py", "--eval-only", "--data-dir", str(cifar10_dir),
                            "--results-dir", str(tmp_path))
@@ -126,16 +118,56 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
         assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
     finally:
         # SIGKILL, which gives the process no chance to unlock: the lock must go with it all the same.
-        # (Ctrl-C has its own test in test_train.py.)
-        first.kill()
-        first.wait(timeout=120)
+        # (Ctrl-C has its own test in test_train.py.) The others too, should a check have failed.
+        for child in children:
+            child.kill()
+            child.wait(timeout=120)
     last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
     rows = read_metrics(run_dir)
     # A kill between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
     # rewrites it from last.pt.
     assert len(rows) in (last["epoch"] - 1, last["epoch"]) and rows == as_read(last["history"][:len(rows)])
-    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"]
+    # best.pt is saved before last.pt, so a kill between the two leaves best.pt an epoch ahead.
+    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"] + 1
     runs.refuse_if_in_use(run_dir)  # the lock went with the process
+
+
+# Both processes import everything, say they are ready, then wait for one file to appear, so that their
+# checks (no run in the folder, no lock held) pass in both before either takes the lock.
+AT_ONCE = """
+import os, sys, time
+import train
+ready, go = sys.argv[1], sys.argv[2]
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.001)
+sys.exit(train.main("cifar10", sys.argv[3:]))
+"""
+
+
+def test_two_runs_started_at_once_on_one_folder_train_once(cifar10_dir, tmp_path):
+    args = fault_args(cifar10_dir, tmp_path)
+    go = tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", AT_ONCE, str(tmp_path / f"ready{index}"), str(go), *args],
+                                  cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for index in range(2)]
+    try:
+        for index, process in enumerate(processes):
+            wait_until((tmp_path / f"ready{index}").exists, process)
+        go.touch()
+        outputs = [process.communicate(timeout=240) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+    codes = sorted(process.returncode for process in processes)
+    assert codes == [0, 2], outputs
+    loser = [err for process, (_, err) in zip(processes, outputs) if process.returncode == 2][0]
+    assert_one_line_error(loser)
+    assert "in use" in loser or "changed" in loser or "--resume" in loser, loser
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
+    assert (run_dir / run_files.LOG_FILE).read_text().count("Epoch 1/2") == 1
+    assert temp_files(run_dir) == []
 
 
 # ---------------------------------------------------------------------------------------------------

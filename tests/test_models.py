@@ -2,14 +2,16 @@
 its cost; the baseline prints exactly as the seed's did; the options of the ResNet family (SE, CA,
 non-local blocks) sit where the papers put them and leave the older models as they were."""
 import hashlib
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from model import COURSE_MODELS, FAMILIES, MODELS, build_model, count_flops, count_parameters, model_table_markdown
+from model import COURSE_MODELS, FAMILIES, MODELS, build_model, count_flops, count_parameters
 from model.coord_attention import CoordinateAttention
 from model.nonlocal_block import NonLocalBlock
 from model.resnet import SqueezeExcite
@@ -102,13 +104,39 @@ def test_parameter_count_matches_reference(name, num_classes):
     assert count_parameters(build_on_meta(name, num_classes)) == expected
 
 
-@pytest.mark.parametrize("name,num_classes", COURSE_BUILDS)
-def test_every_model_maps_a_batch_to_class_scores(name, num_classes):
+def pinned_outputs(name: str) -> list[list[float]]:
+    """The scores of a seeded network (10 classes, eval mode) for two seeded images: what
+    tests/fixtures/model_outputs.json holds for every model (rebuild it with make_model_outputs.py there)."""
     torch.manual_seed(0)
-    net = build_model(name, num_classes).eval()
+    net = build_model(name, 10).eval()
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return net(images).tolist()
+
+
+PINNED = json.loads((Path(__file__).parent / "fixtures" / "model_outputs.json").read_text())
+
+
+def test_every_model_is_pinned():
+    assert sorted(PINNED) == sorted(MODELS)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_computes_the_scores_it_was_pinned_with(name):
+    """A change to a network that changes what it computes (an activation dropped, a block skipped, another
+    initialization) fails here; a change meant to do so updates the fixture in the same commit."""
+    scores = torch.tensor(pinned_outputs(name))
+    assert scores.shape == (2, 10)
+    torch.testing.assert_close(scores, torch.tensor(PINNED[name]), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", COURSE_MODELS)
+def test_every_course_model_maps_a_batch_to_100_class_scores(name):
+    torch.manual_seed(0)
+    net = build_model(name, 100).eval()
     with torch.no_grad():
         scores = net(torch.randn(2, 3, 32, 32))
-    assert scores.shape == (2, num_classes) and torch.isfinite(scores).all()
+    assert scores.shape == (2, 100) and torch.isfinite(scores).all()
 
 
 @pytest.mark.parametrize("name", ["cnn_base", "cnn_resnet18", "cnn_densenet121", "cnn_se_resnet50"])
@@ -265,8 +293,8 @@ def test_initialization_is_kaiming_convs_and_unit_batchnorm(name):
     assert widest.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.05)
 
 
-def test_model_table_lists_every_flag_with_its_size_and_cost():
-    lines = model_table_markdown().splitlines()
+def test_model_table_lists_every_flag_with_its_size_and_cost(model_table):
+    lines = model_table.splitlines()
     assert lines[0].startswith("| model | params (10 classes) |")
     rows = lines[2:]
     assert [row.split("|")[1].strip() for row in rows] == [f"`{name}`" for name in MODELS]

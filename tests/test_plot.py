@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import plot
+from conftest import message_lines
 from model import MODELS
 from runs import RunFileError
 
@@ -238,7 +239,7 @@ def test_cli_redraws_one_runs_curves(tmp_path, capsys):
 def test_cli_on_a_missing_path_exits_2_with_one_line():
     result = run_cli("results/no_such_dataset_folder")
     assert result.returncode == 2
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(message_lines(result.stderr)) == 1
     assert "no_such_dataset_folder" in result.stderr
 
 

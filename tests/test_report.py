@@ -1,5 +1,7 @@
 """report.py: the HTML pages a user opens from the file system or zips and sends."""
 import base64
+import dataclasses
+import hashlib
 import json
 from html.parser import HTMLParser
 from pathlib import Path
@@ -9,6 +11,7 @@ import pytest
 
 import plot
 import report
+import run_files
 import summary
 from model import MODELS
 
@@ -174,6 +177,38 @@ def test_data_from_the_run_files_cannot_inject_markup(results):
     text = "".join(page.text)
     assert EVIL_TAG in text and EVIL_CLASS in text  # shown as text
     assert "http://" not in html_text and "https://" not in html_text  # nothing fetched
+
+
+def crafted(field: str) -> str:
+    return f'<i class="x-{field}">'
+
+
+def test_no_field_of_any_run_file_becomes_markup(tmp_path):
+    """Every value of config.json, summary.json and eval.json replaced by markup naming its field: each is
+    shown as text (or not at all), none becomes an element; and the page's policy runs only its own script."""
+    dataset_dir = tmp_path / "results" / "cifar10"
+    run_dir = make_run(dataset_dir, "cnn_base", "x")
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update({name: crafted(name) for name in (*report.SETTINGS, *config) if name != "model"})
+    (run_dir / "config.json").write_text(json.dumps(config))
+    summary_fields = [field.name for field in dataclasses.fields(run_files.Summary)]
+    (run_dir / "summary.json").write_text(json.dumps({name: crafted(name) for name in summary_fields}))
+    evaluation = {field.name: crafted(field.name) for field in dataclasses.fields(run_files.Evaluation)}
+    evaluation["per_class"] = {crafted("class"): crafted("class-accuracy")}
+    (run_dir / "eval.json").write_text(json.dumps(evaluation))
+    write_pages(tmp_path / "results")
+
+    html_text = (dataset_dir / "index.html").read_text()
+    assert "<i " not in html_text
+    text = "".join(Page(dataset_dir / "index.html").text)
+    shown = [name for name in (*config, *summary_fields, *evaluation, "class") if crafted(name) in text]
+    assert {"tag", "amp", "aug", "checkpoint_epoch", "images", "class"} <= set(shown)
+    policy = report.CONTENT_POLICY
+    assert "default-src 'none'" in policy and "unsafe" not in policy.split("script-src")[1]
+    script_hash = base64.b64encode(hashlib.sha256(report.SORT_SCRIPT.encode()).digest()).decode()
+    assert f"script-src 'sha256-{script_hash}'" in policy
+    assert f'<meta http-equiv="Content-Security-Policy" content="{policy}">' in html_text
+    assert Page(dataset_dir / "index.html").scripts == [report.SORT_SCRIPT]
 
 
 def test_index_links_each_dataset_page(results):

@@ -14,7 +14,7 @@ import torch
 
 import run_files
 import train
-from conftest import REPO_ROOT, write_pickle
+from conftest import REPO_ROOT, message_lines, write_pickle
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
@@ -42,7 +42,7 @@ def snapshot(folder: Path) -> dict:
 
 
 def assert_one_line_error(stderr: str, *words: str) -> None:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    lines = message_lines(stderr)
     assert len(lines) == 1, stderr
     assert "Traceback" not in stderr
     assert lines[0].startswith("error: ")
@@ -130,18 +130,22 @@ def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "main_cifar10.py", *args, "--results-dir",
                                 str(results)], cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (
-            (run_dir / "metrics.csv").exists() and len(read_metrics(run_dir)) >= 2):
-        time.sleep(0.02)
-    time.sleep(0.3)  # well into the third epoch
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert len(read_metrics(run_dir)) < 4, "the run ended before it could be killed"
+    try:
+        # Killed as soon as epoch 2 is saved (metrics.csv is written after last.pt), so in epoch 3, which
+        # takes hundreds of steps: the checks after the kill say whether it came there.
+        deadline = time.time() + 240
+        while not ((run_dir / "metrics.csv").exists() and len(read_metrics(run_dir)) >= 2):
+            assert process.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 2"
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert len(read_metrics(run_dir)) == 2 and torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 2, \
+        "the kill came after epoch 3 was saved, not in it"
 
     resumed = run_script([*args, "--results-dir", str(results), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
-    assert "Resuming" in resumed.stdout
+    assert f"Resuming {run_dir} at epoch 3/4" in resumed.stdout
 
     def without_time(rows):
         return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
@@ -260,16 +264,25 @@ def torchrun(args):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
 
 
-def test_torchrun_two_processes_write_one_run(cifar10_dir, tmp_path):
-    # gloo on the CPU, so that this runs on a one-GPU machine too
-    completed = torchrun(tiny_args(cifar10_dir, tmp_path, "--device", "cpu", subset=200))
+def test_torchrun_two_processes_write_one_run_with_the_numbers_of_one_process(cifar10_dir, tmp_path):
+    """Two processes on half a batch each learn what one process learns on the whole batch (the same images,
+    the gradients averaged), up to the order of floating-point sums."""
+    args = tiny_args(cifar10_dir, tmp_path / "two", "--device", "cpu", "--deterministic", subset=200)
+    completed = torchrun(args)  # gloo on the CPU, so that this runs on a one-GPU machine too
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert "terminate called" not in completed.stderr  # a rank aborting at exit
-    run_dir = tmp_path / "cifar10" / "cnn_base"
-    assert [path.name for path in (tmp_path / "cifar10").iterdir()] == ["cnn_base"]
+    run_dir = tmp_path / "two" / "cifar10" / "cnn_base"
+    assert [path.name for path in run_dir.parent.iterdir()] == ["cnn_base"]
     assert json.loads((run_dir / "config.json").read_text())["world_size"] == 2
-    assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
     assert completed.stdout.count("Model Saved") == 1
+
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path / "one", "--device", "cpu", "--deterministic",
+                                           subset=200)) == 0
+    one, two = read_metrics(tmp_path / "one" / "cifar10" / "cnn_base"), read_metrics(run_dir)
+    assert [row["epoch"] for row in two] == ["1", "2"]
+    for row_one, row_two in zip(one, two, strict=True):
+        for column in ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5"):
+            assert float(row_two[column]) == pytest.approx(float(row_one[column]), rel=1e-4, abs=1e-6), column
 
 
 def test_torchrun_refuses_a_batch_size_the_processes_cannot_share(cifar10_dir, tmp_path):
@@ -295,11 +308,16 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_continue(cifar10_dir, tmp_path):
     process = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "cifar10" / "cnn_base"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run_dir / "metrics.csv").exists():
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "metrics.csv").exists():
+            assert process.poll() is None and time.time() < deadline, "the run ended or stalled before epoch 1"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()  # never left running when the test fails or times out
+        process.wait()
     assert process.returncode == 130
     assert "Traceback" not in stderr
     saved = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]

@@ -1,0 +1,165 @@
+"""What --resume puts back from last.pt, each piece on its own (the weights, the optimizer's momenta, the
+schedule's position, the loss scaler, the random generators, the best epoch so far, the recipe), and the
+learning-rate schedule's values step by step."""
+import json
+import math
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from test_train import read_metrics, tiny_args
+
+import cli
+import run_files
+import runs
+import train
+from model import DEFAULT_LR, MODELS
+from optimization import make_optimization
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
+
+
+def training_of(recipe: cli.Recipe, steps_per_epoch: int, amp_dtype=None) -> train.Training:
+    torch.manual_seed(recipe.seed)
+    net = MODELS[recipe.model].build(10)
+    return train.Training(net, net, make_optimization(net, recipe, steps_per_epoch, CPU, amp_dtype), 0, 0)
+
+
+def take_steps(training: train.Training, count: int) -> None:
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(count):
+        images = torch.randn(8, 3, 32, 32, generator=generator)
+        labels = torch.randint(0, 10, (8,), generator=generator)
+        training.optimization.step(training.net, images, labels)
+
+
+@pytest.fixture
+def saved_state():
+    """A LastCheckpoint of 1 epoch (4 steps, fp16 so that the loss scaler is in use) whose every piece
+    differs from what a fresh start has, and what the generators draw after it was taken."""
+    recipe = cli.Recipe(model="cnn_base", epochs=3, lr=0.05)
+    source = training_of(recipe, steps_per_epoch=4, amp_dtype=torch.float16)
+    take_steps(source, 4)
+    source.optimization.scaler.update(new_scale=1024.0)  # as if some steps had overflowed
+    rng = runs.get_rng_state(CPU)
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    checkpoint = run_files.LastCheckpoint(
+        config={"model": "cnn_base", "dataset": "cifar10"}, epoch=1, model=source.raw_net.state_dict(),
+        optimizer=source.optimization.optimizer.state_dict(),
+        scheduler=source.optimization.scheduler.state_dict(),
+        scaler=source.optimization.scaler.state_dict(), rng=rng,
+        history=[{"epoch": "1", "lr": "0.05", "val_acc": "0.5"}], best={"epoch": 1, "val_acc": 0.5})
+    return source, checkpoint, draws
+
+
+def test_restore_puts_back_every_piece_of_last_pt(saved_state, tmp_path):
+    source, checkpoint, draws = saved_state
+    fresh = training_of(cli.Recipe(model="cnn_base", epochs=3, lr=0.05, seed=7), 4, torch.float16)
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    progress = train.restore(checkpoint, fresh, SimpleNamespace(procs=SimpleNamespace(device=CPU), folder=tmp_path))
+
+    for name, value in source.raw_net.state_dict().items():
+        assert torch.equal(fresh.raw_net.state_dict()[name], value), name
+    saved_momenta = [state["momentum_buffer"] for state in source.optimization.optimizer.state.values()]
+    restored_momenta = [state["momentum_buffer"] for state in fresh.optimization.optimizer.state.values()]
+    assert len(restored_momenta) == len(saved_momenta) > 0
+    assert all(torch.equal(a, b) for a, b in zip(saved_momenta, restored_momenta))
+    assert fresh.optimization.scheduler.last_epoch == 4
+    assert fresh.optimization.optimizer.param_groups[0]["lr"] == source.optimization.optimizer.param_groups[0]["lr"]
+    assert fresh.optimization.scaler.get_scale() == 1024.0
+    assert torch.equal(torch.rand(3), draws[0])
+    assert np.array_equal(np.random.rand(3), draws[1]) and random.random() == draws[2]
+    assert progress.best == {"epoch": 1, "val_acc": 0.5}
+    assert progress.start_epoch == 1
+    assert [row["epoch"] for row in progress.history] == ["1"]
+    assert set(progress.history[0]) == set(run_files.METRIC_COLUMNS)  # older rows completed with defaults
+
+
+def test_a_resumed_run_keeps_the_best_epoch_of_last_pt(cifar10_dir, tmp_path):
+    """A later epoch replaces best.pt only when it beats the best so far as last.pt saved it: here a best
+    no epoch can beat, so best.pt and summary.json keep epoch 1 whatever epochs 2 and 3 reach."""
+    args = tiny_args(cifar10_dir, tmp_path, "--deterministic", epochs=2)
+    assert train.main("cifar10", args) == 0
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    last["best"] = {"epoch": 1, "val_acc": 1.5}
+    torch.save(last, run_dir / "last.pt")
+    best_before = (run_dir / "best.pt").read_bytes()
+
+    assert train.main("cifar10", [*args[:2], "--epochs", "3", *args[4:], "--resume"]) == 0
+    assert (run_dir / "best.pt").read_bytes() == best_before
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert (summary["best_epoch"], summary["best_val_acc"]) == (1, 1.5)
+
+
+def stop_after_epoch(monkeypatch, last_epoch: int) -> None:
+    """Ctrl-C as soon as epoch `last_epoch` is recorded (its files are then written before the run ends)."""
+    real_record_epoch = train.record_epoch
+
+    def record_epoch(run, training, progress, output, metrics):
+        real_record_epoch(run, training, progress, output, metrics)
+        if metrics.epoch == last_epoch:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "record_epoch", record_epoch)
+
+
+def without_time(rows: list[dict]) -> list[dict]:
+    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
+
+
+def test_resume_takes_the_recipe_and_schedule_from_last_pt_not_the_defaults(cifar10_dir, tmp_path, monkeypatch):
+    typed = ["--lr", "0.02", "--batch-size", "32", "--aug", "none", "--momentum", "0.5", "--weight-decay", "0",
+             "--warmup-epochs", "0.5", "--label-smoothing", "0.1", "--seed", "3"]
+    straight = tiny_args(cifar10_dir, tmp_path / "straight", "--deterministic", *typed, epochs=3)
+    assert train.main("cifar10", straight) == 0
+    with monkeypatch.context() as patch:
+        stop_after_epoch(patch, 1)
+        broken = tiny_args(cifar10_dir, tmp_path / "broken", "--deterministic", *typed, epochs=3)
+        assert train.main("cifar10", broken) == 130
+    run_dir = tmp_path / "broken" / "cifar10" / "cnn_base"
+    assert len(read_metrics(run_dir)) == 1
+    resumed = ["--resume", "--no-progress", "--deterministic", "--data-dir", str(cifar10_dir),
+               "--results-dir", str(tmp_path / "broken")]
+    assert train.main("cifar10", resumed) == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["lr"], config["batch_size"], config["aug"], config["seed"]) == (0.02, 32, "none", 3)
+    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(tmp_path / "straight" / "cifar10"
+                                                                              / "cnn_base"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The schedule, as the optimizer sees it step by step
+
+
+def learning_rates(recipe: cli.Recipe, steps_per_epoch: int) -> list[float]:
+    training = training_of(recipe, steps_per_epoch)
+    rates = []
+    for _ in range(recipe.epochs * steps_per_epoch):
+        rates.append(training.optimization.optimizer.param_groups[0]["lr"])
+        training.optimization.optimizer.step()
+        training.optimization.scheduler.step()
+    return rates
+
+
+def test_the_schedule_warms_up_per_step_then_decays_by_cosine_to_zero():
+    rates = learning_rates(cli.Recipe(model="cnn_base", epochs=4, lr=0.1, warmup_epochs=1), steps_per_epoch=10)
+    assert rates[:10] == pytest.approx([0.01 * (step + 1) for step in range(10)])  # warmup: 1/10 ... 10/10
+    after = rates[10:]
+    assert after == pytest.approx([0.05 * (1 + math.cos(math.pi * step / 30)) for step in range(30)])
+    assert after[0] == pytest.approx(0.1) and after[15] == pytest.approx(0.05)
+    assert 0 < after[-1] < 0.001
+
+
+def test_no_warmup_starts_at_the_peak_and_warmup_longer_than_the_run_never_decays():
+    assert learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=0), 5)[0] == 0.1
+    rates = learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=5), 5)
+    assert rates == pytest.approx([0.01 * (step + 1) for step in range(10)])
+
+
+def test_default_learning_rates_per_model():
+    assert cli.with_default_lr(cli.Recipe(model="cnn_base")).lr == MODELS["cnn_base"].lr
+    assert cli.with_default_lr(cli.Recipe(model="cnn_resnet18")).lr == DEFAULT_LR == 0.1
+    assert MODELS["cnn_base"].lr == 0.05 and cli.with_default_lr(cli.Recipe(model="cnn_base", lr=0.3)).lr == 0.3
