@@ -1,6 +1,8 @@
 """Stopping a run and starting it again (stopping.py): SIGUSR1 stops after the epoch with exit 75, SIGTERM
 stops now like Ctrl-C with exit 143, and --auto-resume starts, resumes or reports a run, whichever its folder
 calls for. Real processes on the CPU."""
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,3 +98,27 @@ def test_auto_resume_refuses_a_changed_recipe_and_contradicting_flags(cifar10_di
     for flag in ("--resume", "--overwrite"):
         assert train.main("cifar10", [*args, flag]) == 2
         assert_one_line_error(capsys.readouterr().err, "--auto-resume", flag)
+
+
+def test_under_torchrun_sigusr1_to_one_rank_stops_every_rank_after_the_same_epoch(cifar10_dir, tmp_path):
+    args = tiny_args(cifar10_dir, tmp_path, "--device", "cpu", epochs=50, subset=1024)
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_cifar10.py",
+         *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run_dir = tmp_path / "cifar10" / "cnn_base"
+    wait_for_epochs(run_dir, 1, torchrun)
+    ranks = [int(pid) for task in Path(f"/proc/{torchrun.pid}/task").iterdir()
+             for pid in (task / "children").read_text().split()]
+    assert len(ranks) == 2
+    os.kill(max(ranks), signal.SIGUSR1)  # one rank only
+    _, stderr = torchrun.communicate(timeout=120)
+    saved = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    assert saved < 50 and len(read_metrics(run_dir)) == saved
+    assert f"Stopped for now: {saved} epoch" in stderr
+    # torchrun reports the first rank to end as the root cause: stopped for now (75), not one that failed
+    # waiting for the other; the other ended with 75 too, or by torchrun's SIGTERM as it tore the group down
+    root = re.search(r"Root Cause.*?exitcode\s*:\s*(-?\d+)", stderr, re.DOTALL)
+    assert root and root.group(1) == str(STOPPED_EXIT), stderr[-2000:]
+    assert set(re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)) <= {str(STOPPED_EXIT), "-15"}, stderr[-2000:]
+    assert "terminate called" not in stderr
