@@ -148,6 +148,9 @@ def make_plan(args, run_flags: list[str]) -> list[PlannedRun]:
     if refused:
         raise UsageError(f"flags after --: {', '.join(sorted(cli.option(name) for name in refused))} "
                          "cannot be given to every run (the sweep sets the model, seed, tag and resuming)")
+    both = cli.flags_given(run_flags) & {key for key, _ in sets}
+    if both:
+        raise UsageError(f"{cli.option(sorted(both)[0])} is given both by --set and after --; give it once")
     plan, folders = [], set()
     for dataset, model in itertools.product(args.datasets, models):
         for values in itertools.product(*(values for _, values in sets)):

@@ -161,6 +161,7 @@ def test_ctrl_c_asks_the_runs_to_stop_after_their_epoch(cifar10_dir, tmp_path):
     (["--gpus", "0,99"], ["--gpus", "99"]),
     (["--", "--epochs", "0"], ["--epochs"]),
     (["--", "--tag", "x"], ["--tag"]),
+    (["--set", "epochs=2,3", "--", "--epochs", "4"], ["--epochs", "--set"]),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, words):
     split = argv.index("--") if "--" in argv else len(argv)
