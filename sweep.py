@@ -294,7 +294,7 @@ def work(workers: Workers, name: str, env: dict) -> None:
         run, claim = taken
         with claim:
             code = run_one(workers, run, name, env)
-        if code not in (0, IN_USE_EXIT) and not (workers.stopping.is_set() and code in STOPPED_CODES):
+        if code not in (0, IN_USE_EXIT) and not workers.stopping.is_set():
             with workers.mutex:
                 workers.failures[run.index] = workers.failures.get(run.index, 0) + 1
 
@@ -321,10 +321,14 @@ def run_one(workers: Workers, run: PlannedRun, name: str, env: dict) -> int:
         with workers.mutex:
             workers.children.pop(name, None)
     error = "" if code == 0 else last_error_line(log, offset)
+    # Whatever ends a run while the sweep stops (SIGUSR1 may even come before the run could handle it) is a
+    # stop, not a failure: the run resumes when the sweep is started again.
+    stopped = code != 0 and workers.stopping.is_set()
     runs.write_json(workers.folder / "records" / f"{run.index}.json",
-                    {"run": str(run.folder), "exit": code, "error": error, "worker": name,
+                    {"run": str(run.folder), "exit": code, "error": error, "stopped": stopped, "worker": name,
                      "seconds": round(time.monotonic() - started, 1)})
-    say(f"[{name}] {describe_exit(code, error)}: {run.index + 1}/{len(workers.plan)} {run.name}")
+    say(f"[{name}] {describe_exit(STOPPED_EXIT if stopped else code, error)}: {run.index + 1}/{len(workers.plan)} "
+        f"{run.name}")
     return code
 
 
@@ -408,12 +412,12 @@ def run_state(run: PlannedRun, record: dict, queued: dict[int, str]) -> tuple[st
         return "done", ""
     if is_running(run) or queued.get(run.index) == "RUNNING":
         return "running", ""
-    code = record.get("exit")
-    if code is not None and code not in (0, IN_USE_EXIT, *STOPPED_CODES):
+    code, stopped = record.get("exit"), record.get("stopped") or record.get("exit") in STOPPED_CODES
+    if code is not None and code not in (0, IN_USE_EXIT) and not stopped:
         return "failed", f"exit {code}: {record.get('error', '')}"
     if run.index in queued:
         return "waiting", f"SLURM {queued[run.index].lower()}"
-    return "waiting", "stopped, resumes" if code in STOPPED_CODES else ""
+    return "waiting", "stopped, resumes" if stopped else ""
 
 
 def status_table(plan: list[PlannedRun], folder: Path) -> str:

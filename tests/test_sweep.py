@@ -37,7 +37,7 @@ def start(command: list[str]) -> subprocess.Popen:
 
 
 def finish(process: subprocess.Popen) -> str:
-    output, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output
     return output
 
@@ -124,7 +124,7 @@ def test_a_failing_run_is_retried_once_and_reported_and_the_rest_finish(cifar10_
     command = [sys.executable, "sweep.py", "--name", "nan", "--seeds", "0", "--set", "lr=1e9,0.05",
                "--workers", "1", "--", *flags]
     process = start(command)
-    output, _ = process.communicate(timeout=300)
+    output, _ = process.communicate(timeout=900)
     assert process.returncode == 1, output
     assert "1 done, 0 running, 1 failed, 0 waiting" in output
     assert re.search(r"\| cifar10/cnn_base-lr1e9-s0 \| failed \| 0/1 \|  \| exit 1: error: the loss became NaN",
