@@ -25,7 +25,7 @@ from typing import Callable
 import tensorboard_log
 from batches import AUGMENTATIONS
 from devices import AMP_CHOICES, DEVICE_CHOICES
-from errors import USAGE_EXIT, UsageError
+from errors import IN_USE_EXIT, USAGE_EXIT, UsageError
 from model import DEFAULT_LR, FAMILIES, MODELS
 
 MAX_EPOCHS = 100_000
@@ -140,6 +140,10 @@ class Settings:
                              action="store_true", reported=False)
     tensorboard: bool = flag(False, "also write each epoch's metrics to <run folder>/tensorboard/ (needs "
                                     "the tensorboard package) [off]", action="store_true", reported=False)
+    auto_resume: bool = flag(False, "start the run, resume it or say it finished, whichever its folder calls "
+                                    "for: the same command is safe to run again after any stop (sweeps use "
+                                    f"it); exit {IN_USE_EXIT} when another process holds the folder",
+                             action="store_true", reported=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -253,6 +257,9 @@ def check_flags(args: argparse.Namespace, train_size: int) -> None:
         (args.eval_only and args.predict, "--eval-only and --predict are two commands; pass one of them"),
         (args.predict and (args.resume or args.overwrite),
          "--predict trains nothing, so --resume and --overwrite mean nothing with it; drop them"),
+        (args.auto_resume and (args.resume or args.overwrite or args.eval_only or args.predict),
+         "--auto-resume starts or resumes a training run by itself; drop --resume, --overwrite, --eval-only "
+         "and --predict"),
         (args.checkpoint and not (args.eval_only or args.predict),
          "--checkpoint is for --eval-only and --predict; to continue a run use --resume"),
     )

@@ -89,11 +89,13 @@ def rank0_then_share(procs: Processes, attempt: Callable[[], Result]) -> Result 
         try:
             result = attempt()
         except ProjectError as err:
-            error[0] = str(err)
+            error[0] = (str(err), err.exit_code)
     if procs.ddp:
         dist.broadcast_object_list(error, src=0)
     if error[0]:
-        raise UsageError(error[0])
+        failure = UsageError(error[0][0])
+        failure.exit_code = error[0][1]  # a folder in use keeps its own code (--auto-resume) on every rank
+        raise failure
     return result
 
 

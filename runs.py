@@ -23,7 +23,7 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from errors import RunFailed, UsageError
+from errors import USAGE_EXIT, FolderInUse, RunFailed, UsageError
 from run_files import (
     LAST_CHECKPOINT,
     LOCK_FILE,
@@ -224,13 +224,14 @@ def _holder(lock_path: Path) -> str:
     return "another process"
 
 
-def _in_use(run_dir: Path, lock_path: Path) -> UsageError:
-    return UsageError(f"{run_dir} is in use by {_holder(lock_path)}; wait for it to finish, or pass "
-                      "another --tag or --results-dir")
+def _in_use(run_dir: Path, lock_path: Path, exit_code: int) -> FolderInUse:
+    return FolderInUse(f"{run_dir} is in use by {_holder(lock_path)}; wait for it to finish, or pass "
+                       "another --tag or --results-dir", exit_code)
 
 
-def refuse_if_in_use(run_dir: Path) -> None:
-    """Fail at once, writing nothing, if another process holds the folder's lock."""
+def refuse_if_in_use(run_dir: Path, exit_code: int = USAGE_EXIT) -> None:
+    """Fail at once, writing nothing, if another process holds the folder's lock (FolderInUse, ending the
+    command with exit_code)."""
     lock_path = run_dir / LOCK_FILE
     try:
         handle = open(lock_path, "rb")
@@ -240,15 +241,15 @@ def refuse_if_in_use(run_dir: Path) -> None:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise _in_use(run_dir, lock_path) from None
+            raise _in_use(run_dir, lock_path, exit_code) from None
         except OSError:
             return
         fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def lock_run_folder(run_dir: Path) -> BinaryIO:
+def lock_run_folder(run_dir: Path, exit_code: int = USAGE_EXIT) -> BinaryIO:
     """Create the folder if needed and take its lock for as long as the returned file stays open (until
-    the process ends); UsageError if another process holds it."""
+    the process ends); FolderInUse (ending the command with exit_code) if another process holds it."""
     lock_path = run_dir / LOCK_FILE
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +261,7 @@ def lock_run_folder(run_dir: Path) -> BinaryIO:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise _in_use(run_dir, lock_path) from None
+        raise _in_use(run_dir, lock_path, exit_code) from None
     except OSError as err:  # a file system without locks (some network ones): run, but say so
         warn(f"cannot lock {lock_path} ({err.strerror}); make sure no other process uses {run_dir}")
         return handle

@@ -30,9 +30,10 @@ import load_data_cifar100
 import plot
 import run_files
 import runs
+import stopping
 import tensorboard_log
 from devices import accumulator_dtype, resolve_amp, synchronize, torchvision_version
-from errors import INTERRUPTED_EXIT, RunFailed, UsageError, run_command
+from errors import RunFailed, UsageError, run_command
 from evaluation import evaluate, evaluate_checkpoint, predict_images, rates
 from model import build_model, count_flops, count_parameters, describe_model, format_flops, models_in
 from optimization import Optimization, make_optimization
@@ -64,8 +65,9 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a bad flag already reported in one line
         return done.code
     try:
-        return run_command(lambda: command(args, dataset, argv), report=is_master(),
-                           interrupted="Interrupted before training started; nothing new was saved")
+        with stopping.signals_handled():  # SIGTERM stops like Ctrl-C, SIGUSR1 after the epoch
+            return run_command(lambda: command(args, dataset, argv), report=is_master(),
+                               interrupted="Interrupted before training started; nothing new was saved")
     finally:
         end_processes()
 
@@ -119,7 +121,7 @@ def open_run(args, dataset: str, argv: list[str],
     run_dir = runs.run_folder(args.results_dir, dataset, args.model, args.tag)
 
     def check() -> tuple[LastCheckpoint | None, cli.Recipe]:
-        runs.refuse_if_in_use(run_dir)
+        runs.refuse_if_in_use(run_dir, stopping.in_use_exit(args))
         saved = runs.check_run_folder(run_dir, args.resume, args.overwrite)
         return saved, typed if saved is None else cli.resume_recipe(typed, given, saved.config, dataset)
 
@@ -250,6 +252,7 @@ def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> Non
 
 def train(args, dataset: str, argv: list[str]) -> int:
     procs = start_processes(args.device, args.deterministic)
+    args = stopping.auto_resume(args, dataset)  # --resume when the folder holds a last.pt
     config, checkpoint, folder_state = open_run(args, dataset, argv, procs)
     recipe = config.recipe
     run_dir = runs.run_folder(config.settings.results_dir, dataset, recipe.model, config.settings.tag)
@@ -285,7 +288,7 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
     try:
         if run.procs.master:
             # Held until this process ends; taken only now, so that every refusal above wrote nothing.
-            lock = runs.lock_run_folder(run.folder)
+            lock = runs.lock_run_folder(run.folder, stopping.in_use_exit(run.config.settings))
             runs.check_unchanged(run.folder, folder_state)
             runs.remove_stale_temp_files(run.folder)
             announce(run, progress, output, resumed)
@@ -293,15 +296,15 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
                 output.epoch_log = tensorboard_log.EpochLog(run.folder, progress.history)
         for epoch in range(progress.start_epoch + 1, run.recipe.epochs + 1):
             run_epoch(run, data, training, progress, output, epoch)
+            stopping.stop_if_asked(run.procs, output, epoch, run.recipe.epochs)  # SIGUSR1
         if run.procs.master:
             finish(run, data, training, progress, output)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, or SIGUSR1 after an epoch (stopping.py)
         if run.procs.master:
             output.settle()  # the epoch being saved is saved (or its failure kept nothing new)
-            saved = output.saved_epochs
-            print(f"\nInterrupted: {saved} epoch{'s' if saved != 1 else ''} saved in {run.folder}; "
-                  "continue with the same command and --resume", file=sys.stderr)
-        return INTERRUPTED_EXIT
+            print(stopping.stopped_line(stop, run.folder, output.saved_epochs, run.config.settings.auto_resume),
+                  file=sys.stderr)
+        return stopping.exit_code_of(stop)
     except runs.WriteFailed as err:
         raise RunFailed(f"{err}; {runs.what_is_kept(run.folder, output.saved_epochs)}") from None
     finally:
