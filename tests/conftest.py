@@ -1,7 +1,9 @@
 """Shared test setup: the repository root on sys.path, and full-size CIFAR folders made of synthetic
 images in the official python format (nothing is downloaded)."""
+import os
 import pickle
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -101,3 +103,29 @@ def model_table() -> str:
     """README's model table as the code computes it (every model's size and cost: seconds), once a session."""
     from model import model_table_markdown
     return model_table_markdown()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes pid started, and theirs, as /proc lists them now."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def kill_with_descendants(processes: list) -> None:
+    """Kill each process still running and everything it started, so that no run outlives its test (a failed
+    check, a time limit); then forget them."""
+    for process in processes:
+        for pid in [*descendants(process.pid), process.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.wait(timeout=60)
+    processes.clear()

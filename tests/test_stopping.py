@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import assert_one_line_error, read_metrics, run_script, snapshot, tiny_args
 
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_with_descendants
 from errors import IN_USE_EXIT, STOPPED_EXIT, TERMINATED_EXIT
 
 
@@ -21,9 +22,19 @@ def without_time(rows: list[dict]) -> list[dict]:
     return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_what_a_test_left_running():
+    yield
+    kill_with_descendants(STARTED)
+
+
 def start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    STARTED.append(subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return STARTED[-1]
 
 
 def wait_for_epochs(run_dir: Path, count: int, process: subprocess.Popen) -> None:
@@ -106,6 +117,7 @@ def test_under_torchrun_sigusr1_to_one_rank_stops_every_rank_after_the_same_epoc
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main_cifar10.py",
          *args], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    STARTED.append(torchrun)
     run_dir = tmp_path / "cifar10" / "cnn_base"
     wait_for_epochs(run_dir, 1, torchrun)
     ranks = [int(pid) for task in Path(f"/proc/{torchrun.pid}/task").iterdir()

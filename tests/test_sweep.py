@@ -15,7 +15,7 @@ import pytest
 from test_train import assert_one_line_error, read_metrics
 
 import sweep
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, kill_with_descendants
 from errors import INTERRUPTED_EXIT, STOPPED_EXIT
 
 SEEDS = ["0", "1", "2"]
@@ -31,9 +31,19 @@ def sweep_command(name: str, flags: list[str], *options: str) -> list[str]:
             "--", *flags]
 
 
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def kill_what_a_test_left_running():
+    yield
+    kill_with_descendants(STARTED)
+
+
 def start(command: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    STARTED.append(subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
+    return STARTED[-1]
 
 
 def finish(process: subprocess.Popen) -> str:
