@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import course
 import tensorboard_log
 from batches import AUGMENTATIONS
 from devices import AMP_CHOICES, DEVICE_CHOICES
@@ -32,6 +33,9 @@ MAX_EPOCHS = 100_000
 MAX_IMAGES = 50_000  # the training set of either dataset: the most a batch, subset or split can hold
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
 TAG_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}")
+SCHEDULES = ("cosine", "constant")  # --schedule's choices: what the learning rate does after the warmup
+# --recipe's choices: the defaults each names for the recipe flags not typed on the command line.
+RECIPES = {course.DEFAULT_NAME: {}, course.NAME: course.RECIPE}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,15 +82,31 @@ def flag(default, help: str, **argparse_options):
     return field(default=default, metadata=metadata)
 
 
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _recipe_help() -> str:
+    def typed(name: str, value) -> str:
+        if isinstance(value, bool):
+            return option(name) if value else "--no-" + option(name)[2:]
+        return f"{option(name)} {value:g}" if isinstance(value, float) else f"{option(name)} {value}"
+    lab = " ".join(typed(name, value) for name, value in RECIPES[course.NAME].items())
+    return (f"defaults of the recipe flags not typed: '{course.DEFAULT_NAME}' (each flag's own) or "
+            f"'{course.NAME}' (the course lab's experiment: {lab}; the same lr for every model) "
+            f"[{course.DEFAULT_NAME}]")
+
+
 def _lr_help() -> str:
     others = ", ".join(f"{name}: {spec.lr}" for name, spec in MODELS.items() if spec.lr != DEFAULT_LR)
-    return f"peak learning rate after warmup [{DEFAULT_LR}; {others}]"
+    return f"peak learning rate after warmup [{DEFAULT_LR}; {others}; --recipe {course.NAME}: {course.RECIPE['lr']}]"
 
 
 @dataclass(frozen=True, kw_only=True)
 class Recipe:
     """What a run computes; fixed for the run."""
 
+    recipe: str = flag(course.DEFAULT_NAME, _recipe_help(), choices=list(RECIPES))
     model: str = flag("cnn_base", "network to train (see --list-models) [cnn_base]",
                       choices=list(MODELS), metavar="MODEL")
     epochs: int = flag(50, "number of training epochs [50]", type=count(1, MAX_EPOCHS), may_grow=True)
@@ -94,15 +114,19 @@ class Recipe:
                            type=count(1, MAX_IMAGES))
     lr: float | None = flag(None, _lr_help(),
                             type=number(float, "a learning rate above 0", lambda value: value > 0))
-    momentum: float = flag(0.9, "SGD Nesterov momentum [0.9]",
+    momentum: float = flag(0.9, "SGD momentum [0.9]",
                            type=number(float, "a momentum in [0, 1)", lambda value: 0 <= value < 1))
+    nesterov: bool = flag(True, "Nesterov momentum (with a --momentum above 0) [on]",
+                          action=argparse.BooleanOptionalAction)
     weight_decay: float = flag(5e-4, "SGD weight decay [5e-4]",
                                type=number(float, "a weight decay of 0 or more", lambda value: value >= 0))
     label_smoothing: float = flag(0.0, "cross-entropy label smoothing [0]", type=number(
         float, "a label smoothing in [0, 1)", lambda value: 0 <= value < 1))
-    warmup_epochs: float = flag(1.0, "epochs of linear learning-rate warmup before the cosine decay [1]",
+    warmup_epochs: float = flag(1.0, "epochs of linear learning-rate warmup before the --schedule [1]",
                                 type=number(float, f"a number of epochs from 0 to {MAX_EPOCHS:,}",
                                             lambda value: 0 <= value <= MAX_EPOCHS))
+    schedule: str = flag("cosine", "learning rate after the warmup: 'cosine' decay to zero at the last step, "
+                                   "or 'constant' [cosine]", choices=list(SCHEDULES))
     val_size: int = flag(0, "training images held out (class balanced) for validation; 0 validates on "
                             "the test set as the course code did [0]", type=count(0, MAX_IMAGES - 1))
     aug: str = flag("flip-crop", "training augmentation [flip-crop]", choices=list(AUGMENTATIONS))
@@ -173,10 +197,6 @@ COMMAND_FLAGS = tuple(spec.name for spec in dataclasses.fields(Commands))
 # What the HTML report shows of a run's config.json, in this order.
 REPORTED_FLAGS = tuple(spec.name for role in (Recipe, Settings) for spec in dataclasses.fields(role)
                        if spec.metadata["reported"])
-
-
-def option(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,6 +325,12 @@ class RunConfig:
 
 def typed_recipe(args: argparse.Namespace) -> Recipe:
     return Recipe(**{name: getattr(args, name) for name in RECIPE_FLAGS})
+
+
+def with_recipe_defaults(typed: Recipe, given: set[str]) -> Recipe:
+    """The typed recipe with its --recipe's defaults for the flags not typed: typed flags win."""
+    return dataclasses.replace(typed, **{name: value for name, value in RECIPES[typed.recipe].items()
+                                         if name not in given})
 
 
 def resume_recipe(typed: Recipe, given: set[str], saved: dict, dataset: str) -> Recipe:

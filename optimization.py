@@ -20,11 +20,13 @@ from devices import autocast
 FUSED_SGD_DEVICES = ("cuda", "cpu")
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str = "cosine") -> float:
     """The learning rate's multiple of --lr before step `step` (from 0): linear warmup per step, then cosine
-    decay to zero at the last step."""
+    decay to zero at the last step, or 1 with the constant schedule."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
@@ -62,13 +64,13 @@ class Optimization:
 
 def make_optimization(net: nn.Module, recipe: Recipe, steps_per_epoch: int, device: torch.device,
                       amp_dtype: torch.dtype | None) -> Optimization:
-    """SGD with Nesterov momentum and weight decay, warmup then cosine per step over the recipe's epochs, a
-    GradScaler that only fp16 autocast needs, and the cross-entropy loss."""
+    """SGD with the recipe's momentum (Nesterov or not) and weight decay, warmup then the recipe's schedule per
+    step over its epochs, a GradScaler that only fp16 autocast needs, and the cross-entropy loss."""
     optimizer = _make_sgd(net, recipe, fused=amp_dtype is torch.float16 and device.type in FUSED_SGD_DEVICES)
     total_steps = recipe.epochs * steps_per_epoch
     warmup_steps = min(total_steps, round(recipe.warmup_epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps))
+        optimizer, lambda step: lr_factor(step, warmup_steps, total_steps, recipe.schedule))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     criterion = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
     return Optimization(optimizer, scheduler, scaler, criterion, device, amp_dtype)
@@ -80,7 +82,8 @@ def _make_sgd(net: nn.Module, recipe: Recipe, fused: bool) -> torch.optim.SGD:
     # None, not False: False would also turn off the foreach implementation that CUDA takes by default.
     choice = True if fused else None
     optimizer = torch.optim.SGD(net.parameters(), lr=recipe.lr, momentum=recipe.momentum,
-                                nesterov=recipe.momentum > 0, weight_decay=recipe.weight_decay, fused=choice)
+                                nesterov=recipe.nesterov and recipe.momentum > 0, weight_decay=recipe.weight_decay,
+                                fused=choice)
 
     def keep_choice(loaded: torch.optim.Optimizer) -> None:
         # load_state_dict puts back the saved groups' options, "fused" among them. A --resume may change --amp or

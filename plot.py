@@ -48,6 +48,7 @@ from summary import (
     group_runs,
     pretty_dataset,
     read_runs,
+    recipe_text,
     summary_csv,
     summary_markdown,
 )
@@ -226,7 +227,7 @@ def _draw_best_accuracy_bars(axes, rows: list[dict], colors: dict[str, tuple]) -
         if not row["finished"]:
             planned = f"/{row['planned_epochs']}" if row["planned_epochs"] else ""
             details.append(f"unfinished {row['epochs']}{planned} epochs")
-        name = row["model"] if row["finished"] else row["run_dirs"]
+        name = row["model"] + recipe_text(row) if row["finished"] else row["run_dirs"]
         tick_labels.append(name + ("\n" + ", ".join(details) if details else ""))
     axes.set_yticks(positions, tick_labels, fontsize=8)
     axes.invert_yaxis()  # first summary row at the top, as in summary.md

@@ -36,7 +36,7 @@ from run_files import (
     as_number,
 )
 from runs import write_text
-from summary import TABLE_COLUMNS, pretty_dataset, table_notes
+from summary import pretty_dataset, table_columns, table_notes
 
 # The settings a reader compares between runs, in this order, when config.json has them: the reported
 # flags, then what the run found (validation set, GPU, processes, torch version).
@@ -136,12 +136,13 @@ def _run_ids(rows: list[dict]) -> dict[str, str]:
 
 
 def _summary_table(rows: list[dict], run_ids: dict[str, str]) -> str:
-    headers = "".join(f'<th scope="col">{escape(column.header)}</th>' for column in TABLE_COLUMNS)
+    columns = table_columns(rows)
+    headers = "".join(f'<th scope="col">{escape(column.header)}</th>' for column in columns)
     lines = ['<div class="scroll"><table class="sortable" id="summary">',
              f"<thead><tr>{headers}</tr></thead>", "<tbody>"]
     for position, row in enumerate(rows):
         cells = []
-        for index, column in enumerate(TABLE_COLUMNS):
+        for index, column in enumerate(columns):
             key = position if column.sort_by is None else row[column.sort_by]
             sort_key = "" if key is None else str(key)
             content = escape(column.text(row))
@@ -181,6 +182,9 @@ def _results_lines(run: dict, summary: Summary | None) -> str:
     else:
         items.append("no test accuracy in summary.json" if run["finished"]
                      else "no test accuracy yet (the run has not finished)")
+    if run["course_report_valid_acc"] is not None:
+        items.append(f"course report's valid accuracy for this model and recipe: "
+                     f"{_percent(run['course_report_valid_acc'])} (the report's figure, not measured here)")
     return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 

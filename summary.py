@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+import course
 import runs
 from run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFacts, RunFileError, Summary, as_number, read_metrics
 
@@ -23,6 +24,8 @@ AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final
 SUMMARY_CSV_COLUMNS = (
     ("model", "run_dirs", "runs", "finished", "parameters", "flops", "epochs", "planned_epochs")
     + tuple(column for field in AVERAGED_FIELDS for column in (field, f"{field}_std"))
+    # The recipe (--recipe), and the course report's valid accuracy for a row of the course recipe (else empty).
+    + ("recipe", "course_report_valid_acc")
 )
 
 
@@ -65,10 +68,13 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
     best_index = int(np.nanargmax(val_acc)) if not np.all(np.isnan(val_acc)) else len(val_acc) - 1
     epochs_done = len(metrics["epoch"])
     planned = config.get("epochs", summary.epochs if summary else None)
+    dataset = str(config.get("dataset", run_dir.parent.name))
     return {
         "run_dir": run_dir.name,
         "model": model,
         "tag": tag,
+        "recipe": str(config.get("recipe", course.DEFAULT_NAME)),
+        "course_report_valid_acc": course_report_valid_acc(config, dataset, model),
         "validation": facts.validation,
         "parameters": _whole_number(facts.parameters),
         "flops": _whole_number(facts.flops),
@@ -91,6 +97,17 @@ def _whole_number(value: object) -> int | None:
     """A count from config.json, or None when a damaged or crafted file holds something else there."""
     number = as_number(value)
     return None if number is None else int(number)
+
+
+def course_report_valid_acc(config: dict, dataset: str, model: str) -> float | None:
+    """The course report's valid accuracy of the model, for a run trained with the course's recipe as it stands:
+    a run of another recipe, or of --recipe course with a recipe flag typed over it (--epochs 100, say), gets
+    None, since the report's figure does not measure what it did."""
+    if config.get("recipe") != course.NAME or any(config.get(name) != value
+                                                  for name, value in course.RECIPE.items()):
+        return None
+    figures = course.report_figures().get((dataset, model))
+    return figures.valid_acc if figures else None
 
 
 def read_runs(dataset_dir: Path, model_names: list[str]) -> list[dict]:
@@ -118,18 +135,22 @@ def model_order_key(model: str, model_names: list[str]) -> tuple[int, str]:
 
 
 def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
-    """Summary rows: finished runs of one model and epoch count (e.g. several seeds) form one row.
+    """Summary rows: finished runs of one model, recipe (--recipe) and epoch count (e.g. several seeds)
+    form one row.
 
     An unfinished run keeps a row of its own: averaging it with finished runs, or with other runs
-    stopped at other epochs, would mix numbers that do not measure the same thing.
+    stopped at other epochs, would mix numbers that do not measure the same thing; so would runs of two
+    recipes.
     """
     groups: dict[tuple, list[dict]] = {}
     for run in records:
-        key = (run["model"], True, run["epochs"], "") if run["finished"] else (
-            run["model"], False, run["epochs"], run["run_dir"])
+        # A course run with a recipe flag typed over it (no course figure) is not the course's recipe either.
+        recipe = (run["recipe"], run["course_report_valid_acc"] is None)
+        key = (run["model"], True, run["epochs"], "", recipe) if run["finished"] else (
+            run["model"], False, run["epochs"], run["run_dir"], recipe)
         groups.setdefault(key, []).append(run)
-    order = sorted(groups, key=lambda key: (model_order_key(key[0], model_names), not key[1],
-                                            key[2], key[3]))
+    order = sorted(groups, key=lambda key: (model_order_key(key[0], model_names), key[4][0] != course.DEFAULT_NAME,
+                                            key[4], not key[1], key[2], key[3]))
     rows = []
     for key in order:
         members = sorted(groups[key], key=lambda run: run["run_dir"])
@@ -144,6 +165,8 @@ def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
             "epochs": key[2],
             "planned_epochs": members[0]["planned_epochs"],
             "validation": sorted({str(run["validation"]) for run in members if run["validation"]}),
+            "recipe": key[4][0],
+            "course_report_valid_acc": members[0]["course_report_valid_acc"],
             "members": members,
         }
         for field in AVERAGED_FIELDS:
@@ -192,12 +215,21 @@ def _mean_std(row: dict, field: str, scale: float = 1.0, digits: int = 2, unit: 
     return f"{scale * mean:.{digits}f} \u00b1 {scale * std:.{digits}f}{unit}"
 
 
+def recipe_text(row: dict) -> str:
+    """' (<name> recipe)' for a row of a --recipe other than the default, else nothing; the course's with a flag
+    typed over it says so."""
+    if row["recipe"] == course.DEFAULT_NAME:
+        return ""
+    typed_over = row["recipe"] == course.NAME and row["course_report_valid_acc"] is None
+    return f" ({row['recipe']} recipe{', flags typed over it' if typed_over else ''})"
+
+
 def run_label(row: dict) -> str:
-    """The model; for an unfinished run its folder and progress instead."""
+    """The model and a recipe other than the default; for an unfinished run its folder and progress instead."""
     if row["finished"]:
-        return row["model"]
+        return row["model"] + recipe_text(row)
     progress = str(row["epochs"]) + (f"/{row['planned_epochs']}" if row["planned_epochs"] else "")
-    return f"{row['run_dirs']} (unfinished, {progress} epochs)"
+    return f"{row['run_dirs']} (unfinished, {progress} epochs){recipe_text(row)}"
 
 
 def _runs_cell(row: dict) -> str:
@@ -239,6 +271,20 @@ TABLE_COLUMNS = (
     TableColumn("valid loss", lambda row: _mean_std(row, "val_loss", digits=4), "val_loss"),
     TableColumn("s/epoch", lambda row: _mean_std(row, "seconds_per_epoch", digits=1), "seconds_per_epoch"),
 )
+# Shown only when a row has a figure of the course report: runs of the course recipe.
+COURSE_COLUMN = TableColumn(
+    "course report's valid acc",
+    lambda row: "" if row["course_report_valid_acc"] is None else f"{100 * row['course_report_valid_acc']:.2f}%",
+    "course_report_valid_acc")
+
+
+def table_columns(rows: list[dict]) -> tuple[TableColumn, ...]:
+    """The columns of summary.md and the HTML table for these rows: the course report's beside the final test
+    accuracy when a row has one."""
+    if not any(row["course_report_valid_acc"] is not None for row in rows):
+        return TABLE_COLUMNS
+    at = next(index for index, column in enumerate(TABLE_COLUMNS) if column.sort_by == "final_test_acc") + 1
+    return TABLE_COLUMNS[:at] + (COURSE_COLUMN,) + TABLE_COLUMNS[at:]
 
 
 def table_notes(rows: list[dict]) -> list[str]:
@@ -255,17 +301,25 @@ def table_notes(rows: list[dict]) -> list[str]:
                      "their best valid accuracy was picked on the test set, so it is optimistic.")
     if not all(row["finished"] for row in rows):
         notes.append("Unfinished runs show their last recorded epoch and no test accuracy.")
+    if any(row["recipe"] != course.DEFAULT_NAME for row in rows):
+        notes.append("Runs of another `--recipe` than the default are rows of their own, named after it.")
+    if any(row["course_report_valid_acc"] is not None for row in rows):
+        notes.append("course report's valid acc: the figure the course lab's report printed for the model after "
+                     "its 50 epochs (its valid set is the test set: compare it with final test acc), not measured "
+                     "here. Only rows trained with its recipe, `--recipe course` with no recipe flag typed over "
+                     "it, show one; the other rows' recipes differ from the report's.")
     return notes
 
 
 def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
+    columns = table_columns(rows)
     lines = [
         f"# {pretty_dataset(dataset_name)} results",
         "",
-        "| " + " | ".join(column.header for column in TABLE_COLUMNS) + " |",
-        "|---|" + "---:|" * (len(TABLE_COLUMNS) - 1),
+        "| " + " | ".join(column.header for column in columns) + " |",
+        "|---|" + "---:|" * (len(columns) - 1),
     ]
     for row in rows:
-        lines.append("| " + " | ".join(column.text(row) for column in TABLE_COLUMNS) + " |")
+        lines.append("| " + " | ".join(column.text(row) for column in columns) + " |")
     lines += ["", *(f"- {note}" for note in table_notes(rows))]
     return "\n".join(lines) + "\n"

@@ -117,7 +117,8 @@ def open_run(args, dataset: str, argv: list[str],
              procs: Processes) -> tuple[cli.RunConfig, LastCheckpoint | None, tuple]:
     """The run's configuration (on --resume the recipe comes from its last.pt), that last.pt, and the state
     of the folder's files as checked (compared again once the folder is locked)."""
-    typed, given = cli.typed_recipe(args), cli.flags_given(argv)
+    given = cli.flags_given(argv)
+    typed = cli.with_recipe_defaults(cli.typed_recipe(args), given)
     run_dir = runs.run_folder(args.results_dir, dataset, args.model, args.tag)
 
     def check() -> tuple[LastCheckpoint | None, cli.Recipe]:
