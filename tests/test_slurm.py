@@ -102,6 +102,7 @@ def squeue(env: dict, job: str) -> dict[str, str]:
     return {line.split()[0]: " ".join(line.split()[1:]) for line in listed.splitlines()}
 
 
+@pytest.mark.timeout(900)  # SLURM's own start-up and requeue delays come on top of six short runs
 def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env, cifar10_dir, tmp_path):
     seeds = ["0", "1", "2"]
     flags = run_flags(cifar10_dir, tmp_path / "results", epochs=6, subset=600)
@@ -121,14 +122,22 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
         time.sleep(0.1)
     subprocess.run(["scancel", "-b", "-s", "USR1", f"{job}_0"], env=slurm_env, check=True, timeout=30)
     subprocess.run(["scontrol", "requeue", f"{job}_1"], env=slurm_env, check=True, timeout=30)
-    deadline = time.time() + 240
-    while queued := squeue(slurm_env, job):
+    # Done when every run has its summary.json and the queue has been empty twice in a row: a task being
+    # requeued can be missing from one listing (or squeue can time out on a busy machine), so one empty
+    # listing alone does not mean the array ended.
+    deadline, empty_listings = time.time() + 400, 0
+    while empty_listings < 2 or not all((folder / "summary.json").is_file() for folder in run_dirs):
+        queued = squeue(slurm_env, job)
         assert time.time() < deadline, queued
-        for task, state in queued.items():  # a requeued task waits ~120 s for its begin time: not here
+        empty_listings = 0 if queued else empty_listings + 1
+        for task, state in queued.items():
+            # A requeued task waits ~120 s for its begin time: not here. But not "now" either: a task started
+            # again within the second its old instance was killed is refused by slurmd ("Job credential
+            # revoked", compared to the second) and ends failed instead of running.
             if state.startswith("PENDING") and "BeginTime" in state:
-                subprocess.run(["scontrol", "update", f"jobid={task}", "starttime=now"], env=slurm_env,
+                subprocess.run(["scontrol", "update", f"jobid={task}", "starttime=now+3"], env=slurm_env,
                                capture_output=True, timeout=30)
-        time.sleep(0.5)
+        time.sleep(1)
     for process in alone:
         output, _ = process.communicate(timeout=120)
         assert process.returncode == 0, output
