@@ -118,6 +118,16 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def without_time(rows: list[dict]) -> list[dict]:
+    """metrics.csv's rows without the wall-time columns, which no two runs share."""
+    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
+
+
+# Processes a test starts and may leave running when it fails or hits its time limit: tests that start runs
+# append their Popen here, and kill_what_a_test_left_running ends them, and what they started, after each test.
+STARTED: list = []
+
+
 def kill_with_descendants(processes: list) -> None:
     """Kill each process still running and everything it started, so that no run outlives its test (a failed
     check, a time limit); then forget them."""
@@ -129,3 +139,9 @@ def kill_with_descendants(processes: list) -> None:
                 pass
         process.wait(timeout=60)
     processes.clear()
+
+
+@pytest.fixture(autouse=True)
+def kill_what_a_test_left_running():
+    yield
+    kill_with_descendants(STARTED)

@@ -22,7 +22,7 @@ import recording
 import run_files
 import runs
 import train
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, without_time
 from errors import UsageError
 
 NO_SPACE = "No space left on device"
@@ -32,10 +32,6 @@ pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
 def fault_args(data_dir, results_dir, *extra) -> list[str]:
     """Two epochs of four steps, bit-identical across runs, resumes and processes."""
     return tiny_args(data_dir, results_dir, "--deterministic", "--device", "cpu", *extra)
-
-
-def without_time(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
 
 
 def as_read(history: list[dict]) -> list[dict]:

@@ -15,6 +15,7 @@ import cli
 import run_files
 import runs
 import train
+from conftest import without_time
 from model import DEFAULT_LR, MODELS
 from optimization import make_optimization
 
@@ -104,10 +105,6 @@ def stop_after_epoch(monkeypatch, last_epoch: int) -> None:
         if metrics.epoch == last_epoch:
             raise KeyboardInterrupt
     monkeypatch.setattr(train, "record_epoch", record_epoch)
-
-
-def without_time(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
 
 
 def test_resume_takes_the_recipe_and_schedule_from_last_pt_not_the_defaults(cifar10_dir, tmp_path, monkeypatch):

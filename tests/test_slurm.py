@@ -13,18 +13,12 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sweep import STARTED, epoch_lines, run_flags, start, without_time
+from test_sweep import epoch_lines, run_flags, start
 from test_train import read_metrics
 
-from conftest import REPO_ROOT, kill_with_descendants
+from conftest import REPO_ROOT, without_time
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
-
-
-@pytest.fixture(autouse=True)
-def kill_what_a_test_left_running():
-    yield
-    kill_with_descendants(STARTED)
 
 
 def free_port() -> int:

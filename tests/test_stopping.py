@@ -9,26 +9,12 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from test_train import assert_one_line_error, read_metrics, run_script, snapshot, tiny_args
 
 import train
-from conftest import REPO_ROOT, kill_with_descendants
+from conftest import REPO_ROOT, STARTED, without_time
 from errors import IN_USE_EXIT, STOPPED_EXIT, TERMINATED_EXIT
-
-
-def without_time(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
-
-
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_what_a_test_left_running():
-    yield
-    kill_with_descendants(STARTED)
 
 
 def start(args: list[str]) -> subprocess.Popen:

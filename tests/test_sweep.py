@@ -15,7 +15,7 @@ import pytest
 from test_train import assert_one_line_error, read_metrics
 
 import sweep
-from conftest import REPO_ROOT, kill_with_descendants
+from conftest import REPO_ROOT, STARTED, without_time
 from errors import INTERRUPTED_EXIT, STOPPED_EXIT
 
 SEEDS = ["0", "1", "2"]
@@ -31,15 +31,6 @@ def sweep_command(name: str, flags: list[str], *options: str) -> list[str]:
             "--", *flags]
 
 
-STARTED: list[subprocess.Popen] = []
-
-
-@pytest.fixture(autouse=True)
-def kill_what_a_test_left_running():
-    yield
-    kill_with_descendants(STARTED)
-
-
 def start(command: list[str]) -> subprocess.Popen:
     STARTED.append(subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}))
@@ -50,10 +41,6 @@ def finish(process: subprocess.Popen) -> str:
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 0, output
     return output
-
-
-def without_time(rows: list[dict]) -> list[dict]:
-    return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
 
 
 def epoch_lines(log: Path) -> list[str]:

@@ -14,7 +14,7 @@ import torch
 
 import run_files
 import train
-from conftest import REPO_ROOT, message_lines, write_pickle
+from conftest import REPO_ROOT, message_lines, without_time, write_pickle
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
@@ -147,8 +147,6 @@ def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming {run_dir} at epoch 3/4" in resumed.stdout
 
-    def without_time(rows):
-        return [{key: value for key, value in row.items() if not key.endswith("_seconds")} for row in rows]
     assert without_time(read_metrics(run_dir)) == without_time(
         read_metrics(tmp_path / "reference" / "cifar10" / "cnn_base"))
 
