@@ -121,7 +121,8 @@ def _download(spec: CifarSpec, data_dir: Path) -> None:
         try:
             _archive_utils().download_url(spec.url, temp_dir, filename=spec.archive)
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
-            reason = getattr(err, "reason", err)
+            # an HTTP error says its status ("HTTP Error 404: Not Found"); a URLError its reason, not "<urlopen ...>"
+            reason = err if isinstance(err, urllib.error.HTTPError) else getattr(err, "reason", err)
             raise DataError(f"could not download {spec.url} ({_one_line(reason)}); check the network, or "
                             f"download it by hand and put it in {data_dir}/") from None
         finally:

@@ -13,6 +13,7 @@ which slows the training thread) and always at the end of the run.
 from __future__ import annotations
 
 import math
+import re
 import statistics
 import threading
 import time
@@ -27,6 +28,7 @@ import tensorboard_log
 from run_files import BestCheckpoint, EpochMetrics, LastCheckpoint
 
 CURVES_EVERY_SECONDS = 10.0
+EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+, ")  # the start of epoch_line's lines
 
 
 def epoch_line(metrics: EpochMetrics, epochs: int) -> str:
@@ -34,6 +36,21 @@ def epoch_line(metrics: EpochMetrics, epochs: int) -> str:
     return (f"Epoch {metrics.epoch}/{epochs}, Train Loss: {metrics.train_loss:.4f}, "
             f"Train Accuracy: {metrics.train_acc:.4f}, Valid Loss: {metrics.val_loss:.4f}, "
             f"Valid Accuracy: {metrics.val_acc:.4f}, Time: {metrics.epoch_seconds:.2f}s")
+
+
+def completed_log(log_lines: list[str], history: list[dict], epochs: int) -> list[str]:
+    """log.txt's lines, with the line of every epoch last.pt's history holds but the log does not: a kill
+    between an epoch's last.pt and its log line (SIGKILL, a batch system's kill after its grace period)
+    loses the line, and a resume puts it back, as it rebuilds metrics.csv."""
+    logged = {int(match.group(1)) for match in map(EPOCH_LINE.match, log_lines) if match}
+    lines = list(log_lines)
+    for row in history:
+        if int(row["epoch"]) not in logged:
+            try:
+                lines.append(epoch_line(EpochMetrics.from_row(row), epochs))
+            except ValueError:  # a row without the line's numbers: nothing to put back
+                continue
+    return lines
 
 
 def timings(history: list[EpochMetrics]) -> dict:

@@ -246,8 +246,7 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
              if (dataset_dir / file).is_file()]
     body = ['<p><a href="../index.html">all datasets</a></p>' if index_link else "",
             f"<h1>{escape(title)}</h1>",
-            f"<p>{sum(row['runs'] for row in rows)} runs of "
-            f"{len({row['model'] for row in rows})} models. Click a column header to sort."
+            f"<p>{_runs_of_models(rows)}. Click a column header to sort."
             + (f" The same table as {', '.join(files)}." if files else "") + "</p>",
             _summary_table(rows, run_ids),
             _summary_notes(rows),
@@ -267,9 +266,15 @@ def _summary_notes(rows: list[dict]) -> str:
     return "<ul>" + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
 
 
+def _runs_of_models(rows: list[dict]) -> str:
+    """'3 runs of 2 models', '1 run of 1 model': how many runs summary rows hold, and of how many models."""
+    runs, models = sum(row["runs"] for row in rows), len({row["model"] for row in rows})
+    return f"{runs} run{'s' if runs != 1 else ''} of {models} model{'s' if models != 1 else ''}"
+
+
 def _dataset_line(rows: list[dict]) -> str:
     """How many runs the dataset has and its best test accuracy, from its summary rows."""
-    line = f"{sum(row['runs'] for row in rows)} runs of {len({row['model'] for row in rows})} models"
+    line = _runs_of_models(rows)
     scored = [(row["test_acc"], row["model"]) for row in rows if as_number(row["test_acc"]) is not None]
     if scored:
         accuracy, model = max(scored)

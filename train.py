@@ -48,7 +48,7 @@ from processes import (
     start_processes,
     stop_together,
 )
-from recording import Output, timings
+from recording import Output, completed_log, timings
 from run_data import Data, load_data
 from run_files import EpochMetrics, LastCheckpoint, RunFacts, Summary
 
@@ -220,6 +220,7 @@ def restore(checkpoint: LastCheckpoint | None, training: Training, run: Run) -> 
     log_path = run.folder / run_files.LOG_FILE
     log_lines = log_path.read_text().splitlines() if log_path.exists() else []
     history = [run_files.complete_row(row) for row in checkpoint.history]
+    log_lines = completed_log(log_lines, history, checkpoint.config.get("epochs", checkpoint.epoch))
     return Progress(history, checkpoint.best, checkpoint.epoch, log_lines)
 
 

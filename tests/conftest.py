@@ -15,6 +15,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# A suite started in the background by a script (`cmd &`, nohup) inherits SIGINT ignored, and so would every
+# run it starts: the Ctrl-C tests would press a key nobody hears. Handle it as Python does, so runs do too.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 # A line Python's warnings module prints ("file.py:12: DeprecationWarning: ..."), then the source line it quotes.
 WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
 

@@ -6,14 +6,19 @@ import hashlib
 import io
 import os
 import pickle
+import socket
 import struct
 import tarfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import cifar
 from cifar import DataError, load_cifar
 from load_data_cifar10 import CIFAR10, load_cifar10
 from load_data_cifar100 import CIFAR100
@@ -193,6 +198,87 @@ def test_download_from_a_refusing_address_gives_data_error_naming_the_url(tmp_pa
         load_cifar(dataclasses.replace(TINY_CIFAR10, url=url), tmp_path / "data", download=True)
     assert url in str(error.value) and "\n" not in str(error.value)
     assert list((tmp_path / "data").iterdir()) == []  # no partial download left behind
+
+
+class ArchiveServer(ThreadingHTTPServer):
+    """An HTTP server on 127.0.0.1 that answers every GET with `body` (status 200), with `status` alone, or, when
+    `stall` is set, with nothing until the client gives up."""
+
+    daemon_threads = True  # a stalled answer must not keep the test waiting for its thread
+
+    def __init__(self) -> None:
+        self.body, self.status, self.stall = b"", 200, threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(handler) -> None:
+                if self.stall.is_set():
+                    time.sleep(5)
+                    return
+                handler.send_response(self.status)
+                handler.send_header("Content-Length", str(len(self.body) if self.status == 200 else 0))
+                handler.end_headers()
+                if self.status == 200:
+                    handler.wfile.write(self.body)
+
+            def log_message(handler, *args) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/cifar-10-python.tar.gz"
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("no_proxy", "*")  # talk to 127.0.0.1 itself even where a proxy is configured
+    with ArchiveServer() as serving:
+        thread = threading.Thread(target=serving.serve_forever, daemon=True)
+        thread.start()
+        yield serving
+        serving.shutdown()
+
+
+def test_a_download_with_the_official_md5_is_put_in_place_extracted_and_read(tmp_path, server):
+    written = write_cifar10(tmp_path / "source")
+    md5 = archive_of(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "served.tar.gz")
+    server.body = (tmp_path / "served.tar.gz").read_bytes()
+    data_dir = tmp_path / "data" / "new"  # made by the download
+    data = load_cifar(dataclasses.replace(TINY_CIFAR10, url=server.url, md5=md5), data_dir, download=True)
+    assert torch.equal(data.train_images, as_images(written["train_rows"]))
+    assert data.test_labels.tolist() == written["test_labels"].tolist()
+    assert sorted(path.name for path in data_dir.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
+    assert (data_dir / "cifar-10-python.tar.gz").read_bytes() == server.body
+    assert socket.getdefaulttimeout() is None  # the download's timeout is not left behind for the process
+
+
+@pytest.mark.parametrize("answer, words", [("other bytes", ["does not have the md5"]), (404, ["404"])])
+def test_a_failed_download_says_why_in_one_line_and_leaves_nothing(tmp_path, server, answer, words):
+    if answer == 404:
+        server.status = 404
+    else:
+        server.body = b"<html>not the archive</html>"
+    with pytest.raises(DataError) as error:
+        load_cifar(dataclasses.replace(TINY_CIFAR10, url=server.url), tmp_path / "data", download=True)
+    message = str(error.value)
+    assert server.url in message and "\n" not in message
+    for word in words:
+        assert word in message, message
+    assert list((tmp_path / "data").iterdir()) == []  # no partial download, no temporary folder
+    assert socket.getdefaulttimeout() is None
+
+
+def test_a_stalled_download_ends_in_an_error_after_the_timeout_instead_of_hanging(tmp_path, server, monkeypatch):
+    monkeypatch.setattr(cifar, "DOWNLOAD_TIMEOUT_SECONDS", 0.5)
+    server.stall.set()
+    started = time.monotonic()
+    with pytest.raises(DataError, match="timed out") as error:
+        load_cifar(dataclasses.replace(TINY_CIFAR10, url=server.url), tmp_path / "data", download=True)
+    assert time.monotonic() - started < 4
+    assert server.url in str(error.value)
+    assert list((tmp_path / "data").iterdir()) == []
+    assert socket.getdefaulttimeout() is None
 
 
 def test_without_files_and_without_download_the_error_says_where_to_put_them(tmp_path):

@@ -106,8 +106,8 @@ def test_training_and_evaluation_run_no_operator_that_raises_under_deterministic
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     labels = torch.tensor([3, 7])
     options = BatchOptions(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    net = build_model(name, 10)  # built outside the record: initialization is neither training nor evaluation
     with OpRecorder() as recorder:
-        net = build_model(name, 10)
         train_batches = TrainBatches(images, labels, 2, options, aug="flip-crop-cutout")
         training = make_optimization(net, with_default_lr(Recipe(model=name)), len(train_batches),
                                      torch.device("cpu"), None)

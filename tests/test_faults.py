@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from test_train import assert_one_line_error, read_metrics, tiny_args
 
+import plot
 import recording
 import run_files
 import runs
@@ -77,7 +78,7 @@ def summary_without_time(run_dir: Path) -> dict:
 # One process per folder
 
 
-def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir, tmp_path):
+def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir, tmp_path, capsys):
     args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # killed once checked
     run_dir = tmp_path / "cifar10" / "cnn_base"
     with open(tmp_path / "first.err", "w") as first_err:  # on one core, leaving the others to the checks
@@ -90,24 +91,17 @@ def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir,
         wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
         names_before = {path.name for path in run_dir.iterdir()}
 
-        # The same command, --eval-only and plot.py, together while the first trains.
-        def start(*command):
-            children.append(subprocess.Popen([sys.executable, *command], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                                             stderr=subprocess.PIPE, text=True))
-            return children[-1]
-        second = start("main_cifar10.py", *args)
-        evaluating = start("main_cifar10.py", "--eval-only", "--data-dir", str(cifar10_dir),
-                           "--results-dir", str(tmp_path))
-        plotting = start("plot.py", str(run_dir))
-        (_, second_err), (_, eval_err), (_, plot_err) = (process.communicate(timeout=120)
-                                                         for process in (second, evaluating, plotting))
+        # The same command, --eval-only and plot.py while the first trains, in this process (the lock is the
+        # other one's: a lock is held by a process, whichever process asks).
+        capsys.readouterr()
+        assert train.main("cifar10", args) == 2
+        assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on", "--tag",
+                              "--results-dir")
+        assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir),
+                                      "--results-dir", str(tmp_path)]) == 2
+        assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on")
+        assert plot.main([str(run_dir)]) == 0
         assert first.poll() is None, "the first run ended before the checks were done: they prove nothing"
-
-        assert second.returncode == 2, second_err
-        assert_one_line_error(second_err, "in use", f"process {first.pid} on", "--tag", "--results-dir")
-        assert evaluating.returncode == 2, eval_err
-        assert_one_line_error(eval_err, "in use", f"process {first.pid} on")
-        assert plotting.returncode == 0, plot_err
         names = {path.name for path in run_dir.iterdir()}
         assert all(f".{first.pid}{run_files.TEMP_MARK}" in name for name in names - names_before)
         assert run_files.EVAL_FILE not in names and run_files.CONFUSION_FILE not in names

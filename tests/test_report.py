@@ -219,6 +219,46 @@ def test_index_links_each_dataset_page(results):
     assert "CIFAR-100" in " ".join(index.text)
 
 
+def test_the_index_page_is_exactly_a_line_and_a_figure_per_dataset(tmp_path):
+    """The whole page: its head (with the policy, no script: nothing to sort), a line per dataset with its runs,
+    models and best test accuracy, and its comparison figure or a note that there is none."""
+    results = tmp_path / "results"
+    make_run(results / "cifar10", "cnn_base", "s0", seed=0)
+    make_run(results / "cifar10", "cnn_base", "s1", seed=1)
+    make_run(results / "cifar10", "cnn_densenet121", "a b#1", seed=2)
+    make_run(results / "cifar100", "cnn_base", None, finished=False)
+    rows_by_dataset = write_pages(results)
+    (results / "cifar100" / "comparison.png").unlink()
+    report.write_index(results, rows_by_dataset)
+    figure = ('<a href="cifar10/comparison.png"><img src="cifar10/comparison.png" '
+              'alt="comparison of the models on CIFAR-10" loading="lazy"></a>')
+    assert (results / "index.html").read_text().splitlines() == [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{report.CONTENT_POLICY}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">', "<title>Results</title>",
+        *f"<style>{report.STYLE}</style>".splitlines(), "</head>", "<body>", "<h1>Results</h1>", "<ul>",
+        '<li><a href="cifar10/index.html">CIFAR-10</a>: 3 runs of 2 models; best test accuracy 52.00% '
+        "(cnn_densenet121)</li>",
+        '<li><a href="cifar100/index.html">CIFAR-100</a>: 1 run of 1 model</li>', "</ul>",
+        '<h2><a href="cifar10/index.html">CIFAR-10</a></h2>', figure,
+        '<h2><a href="cifar100/index.html">CIFAR-100</a></h2>', '<p class="muted">no comparison.png</p>', "",
+        "</body>", "</html>"]
+
+
+def test_each_run_has_a_readable_id_of_its_own_and_links_are_quoted(tmp_path):
+    dataset_dir = tmp_path / "cifar10"
+    for tag in ("a b#1", "a_b_1", 'q"<'):  # the first two make the same readable id
+        make_run(dataset_dir, "cnn_base", tag)
+    names = list(MODELS)
+    rows = summary.group_runs([summary.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())], names)
+    assert report._run_ids(rows) == {"cnn_base-a b#1": "run-cnn_base-a_b_1", "cnn_base-a_b_1": "run-cnn_base-a_b_1-1",
+                                     'cnn_base-q"<': "run-cnn_base-q__"}
+    html_text = report.write_dataset_page(dataset_dir, rows).read_text()
+    assert 'src="cnn_base-a%20b%231/curves.png"' in html_text and 'src="cnn_base-q%22%3C/curves.png"' in html_text
+    assert report._href('a"b&c') == "a%22b%26c" and report._href("x'y") == "x%27y"
+    assert html_text.count("<script>") == 1  # the sorting script of a table page
+
+
 def test_page_without_optional_files_links_nothing_missing(tmp_path):
     dataset_dir = tmp_path / "cifar10"
     run_dir = make_run(dataset_dir, "cnn_base", None, finished=False)

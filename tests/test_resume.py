@@ -56,6 +56,22 @@ def saved_state():
     return source, checkpoint, draws
 
 
+def test_a_resume_puts_back_the_log_line_of_an_epoch_a_kill_left_out(cifar10_dir, tmp_path, capsys):
+    """A kill between an epoch's last.pt and its log line leaves log.txt an epoch short; the resume writes the
+    line back from last.pt (once, as it was), as it rewrites metrics.csv."""
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, epochs=2)) == 0
+    log = tmp_path / "cifar10" / "cnn_base" / run_files.LOG_FILE
+    lines = log.read_text().splitlines()
+    [epoch_2] = [line for line in lines if line.startswith("Epoch 2/2, ")]
+    log.write_text("\n".join(lines[:lines.index(epoch_2)]) + "\n")  # as if killed before the line
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, "--resume", epochs=3)) == 0
+    resumed = log.read_text().splitlines()
+    assert [line for line in resumed if line.startswith("Epoch ")] == [
+        *[line for line in lines if line.startswith("Epoch 1/2, ")], epoch_2,
+        *[line for line in resumed if line.startswith("Epoch 3/3, ")]]
+    assert resumed.index(epoch_2) < resumed.index(next(line for line in resumed if line.startswith("Resuming")))
+
+
 def test_restore_puts_back_every_piece_of_last_pt(saved_state, tmp_path):
     source, checkpoint, draws = saved_state
     fresh = training_of(cli.Recipe(model="cnn_base", epochs=3, lr=0.05, seed=7), 4, torch.float16)

@@ -9,12 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from test_train import assert_one_line_error, read_metrics, run_script, snapshot, tiny_args
 
 import train
 from conftest import REPO_ROOT, STARTED, without_time
 from errors import IN_USE_EXIT, STOPPED_EXIT, TERMINATED_EXIT
+
+pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")  # --deterministic runs in this process
 
 
 def start(args: list[str]) -> subprocess.Popen:
@@ -32,10 +35,10 @@ def wait_for_epochs(run_dir: Path, count: int, process: subprocess.Popen) -> Non
     raise AssertionError("the run did not reach the epoch")
 
 
-def test_sigusr1_finishes_the_epoch_exits_75_and_auto_resume_continues_exactly(cifar10_dir, tmp_path):
+def test_sigusr1_finishes_the_epoch_exits_75_and_auto_resume_continues_exactly(cifar10_dir, tmp_path, capsys):
     args = tiny_args(cifar10_dir, tmp_path / "broken", "--deterministic", "--auto-resume", epochs=4, subset=1024)
-    reference = run_script(tiny_args(cifar10_dir, tmp_path / "whole", "--deterministic", epochs=4, subset=1024))
-    assert reference.returncode == 0, reference.stderr
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path / "whole", "--deterministic", epochs=4,
+                                           subset=1024)) == 0  # the unbroken run, in this process
     run_dir = tmp_path / "broken" / "cifar10" / "cnn_base"
     first = start(args)
     wait_for_epochs(run_dir, 1, first)
@@ -54,8 +57,8 @@ def test_sigusr1_finishes_the_epoch_exits_75_and_auto_resume_continues_exactly(c
         read_metrics(tmp_path / "whole" / "cifar10" / "cnn_base"))
 
     before = snapshot(run_dir)  # and once more: finished, says so, touches nothing
-    done = run_script(args)
-    assert done.returncode == 0 and "already finished its 4 epochs" in done.stdout
+    capsys.readouterr()
+    assert train.main("cifar10", args) == 0 and "already finished its 4 epochs" in capsys.readouterr().out
     assert snapshot(run_dir) == before
 
 
@@ -72,16 +75,16 @@ def test_sigterm_stops_now_like_ctrl_c_with_exit_143(cifar10_dir, tmp_path):
         "command and --resume"]
 
 
-def test_auto_resume_of_a_folder_in_use_exits_73_naming_the_process(cifar10_dir, tmp_path):
+def test_auto_resume_of_a_folder_in_use_exits_73_naming_the_process(cifar10_dir, tmp_path, capsys):
     args = tiny_args(cifar10_dir, tmp_path, "--auto-resume", epochs=1000)
     run_dir = tmp_path / "cifar10" / "cnn_base"
     first = start(args)
     try:
         wait_for_epochs(run_dir, 1, first)
-        second = run_script(args)
+        capsys.readouterr()
+        assert train.main("cifar10", args) == IN_USE_EXIT  # in this process: the lock is another process's
         assert first.poll() is None, "the first run ended before the check: it proves nothing"
-        assert second.returncode == IN_USE_EXIT
-        assert_one_line_error(second.stderr, "in use", f"process {first.pid} on")
+        assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on")
     finally:
         first.kill()
         first.communicate()

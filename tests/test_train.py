@@ -18,6 +18,9 @@ from conftest import REPO_ROOT, message_lines, without_time, write_pickle
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
+# --deterministic in this process (the references of the process tests) is put back for the other modules
+pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
+
 RUN_FILES = ["config.json", "metrics.csv", "log.txt", "curves.png", "last.pt", "best.pt",
              "summary.json"]
 
@@ -119,11 +122,10 @@ def test_a_held_out_split_is_recorded_and_used(cifar10_dir, tmp_path):
 
 
 def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path):
-    args = ["--model", "cnn_base", "--epochs", "4", "--subset", "4096", "--batch-size", "16",
+    args = ["--model", "cnn_base", "--epochs", "4", "--subset", "2048", "--batch-size", "16",
             "--data-dir", str(cifar10_dir), "--no-progress", "--deterministic",
             "--device", "cpu"]
-    reference = run_script([*args, "--results-dir", str(tmp_path / "reference")])
-    assert reference.returncode == 0, reference.stderr
+    assert train.main("cifar10", [*args, "--results-dir", str(tmp_path / "reference")]) == 0  # in this process
 
     results = tmp_path / "killed"
     run_dir = results / "cifar10" / "cnn_base"
@@ -247,10 +249,9 @@ def test_resume_refuses_a_changed_recipe_and_foreign_or_corrupt_checkpoints(fini
     assert len((corrupt / "last.pt").read_bytes()) == 1000
 
 
-def test_a_diverging_loss_stops_with_exit_1(cifar10_dir, tmp_path):
-    completed = run_script(tiny_args(cifar10_dir, tmp_path, "--lr", "1e8", "--warmup-epochs", "0"))
-    assert completed.returncode == 1
-    assert_one_line_error(completed.stderr, "NaN", "epoch 1", "step", "--lr")
+def test_a_diverging_loss_stops_with_exit_1(cifar10_dir, tmp_path, capsys):
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, "--lr", "1e8", "--warmup-epochs", "0")) == 1
+    assert_one_line_error(capsys.readouterr().err, "NaN", "epoch 1", "step", "--lr")
 
 
 def torchrun(args):
@@ -324,13 +325,12 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_continue(cifar10_dir, tmp_path):
     assert "--resume" in stderr
 
 
-def test_a_damaged_dataset_ends_in_one_line_and_is_left_alone(tmp_path):
+def test_a_damaged_dataset_ends_in_one_line_and_is_left_alone(tmp_path, capsys):
     folder = tmp_path / "data" / "cifar-10-batches-py"
     folder.mkdir(parents=True)
     write_pickle(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)]})
     (folder / "data_batch_1").write_bytes(b"\x80\x02}q\x00(X")  # a pickle cut short
-    completed = run_script(tiny_args(tmp_path / "data", tmp_path / "results"))
-    assert completed.returncode == 2
-    assert_one_line_error(completed.stderr, "data_batch_1")
+    assert train.main("cifar10", tiny_args(tmp_path / "data", tmp_path / "results")) == 2
+    assert_one_line_error(capsys.readouterr().err, "data_batch_1")
     assert (folder / "data_batch_1").read_bytes() == b"\x80\x02}q\x00(X"
     assert not (tmp_path / "results").exists()
