@@ -4,6 +4,7 @@ stay short. Plus the units the training loop is built from: the schedule, the fl
 reconciliation of the saved recipe with the typed flags."""
 import argparse
 import ast
+import configparser
 import dataclasses
 import math
 import re
@@ -246,3 +247,14 @@ def test_resume_of_a_run_older_than_a_recipe_flag_reads_its_old_default():
     assert resumed("--resume", saved=older).label_smoothing == 0.0
     with pytest.raises(cli.UsageError, match="cannot change --label-smoothing"):
         resumed("--resume", "--label-smoothing", "0.1", saved=older)
+
+
+def test_mutation_testing_copies_every_file_of_the_project():
+    """mutmut runs the tests in a copy of the tree holding only what setup.cfg names: a module added to the
+    project and not to that list breaks the copy's imports (issue #22's configuration, rerun by hand)."""
+    config = configparser.ConfigParser()
+    config.read(REPO_ROOT / "setup.cfg")
+    listed = {*config["mutmut"]["source_paths"].split(), *config["mutmut"]["also_copy"].split()}
+    files = {path.name for path in REPO_ROOT.iterdir() if path.suffix in (".py", ".csv") and path.is_file()}
+    assert files <= listed, sorted(files - listed)
+    assert {"model/", "bench/"} <= listed
