@@ -110,12 +110,15 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"Submitted job array (\d+)", submitted.stdout).group(1)
     run_dirs = [tmp_path / "results" / "cifar10" / f"cnn_base-s{seed}" for seed in seeds]
+    # Each task is signalled as soon as its own run has an epoch saved, so in the epochs still to come (the two
+    # tasks need not start together: waiting for both could let the first finish before its signal).
+    signals = [["scancel", "-b", "-s", "USR1", f"{job}_0"], ["scontrol", "requeue", f"{job}_1"]]
     deadline = time.time() + 120
-    while not all((folder / "metrics.csv").is_file() for folder in run_dirs[:2]):
-        assert time.time() < deadline, squeue(slurm_env, job)
-        time.sleep(0.1)
-    subprocess.run(["scancel", "-b", "-s", "USR1", f"{job}_0"], env=slurm_env, check=True, timeout=30)
-    subprocess.run(["scontrol", "requeue", f"{job}_1"], env=slurm_env, check=True, timeout=30)
+    for folder, command in zip(run_dirs, signals):
+        while not (folder / "metrics.csv").is_file():
+            assert time.time() < deadline, squeue(slurm_env, job)
+            time.sleep(0.05)
+        subprocess.run(command, env=slurm_env, check=True, timeout=30)
     # Done when every run has its summary.json and the queue has been empty twice in a row: a task being
     # requeued can be missing from one listing (or squeue can time out on a busy machine), so one empty
     # listing alone does not mean the array ended.
