@@ -259,6 +259,59 @@ def test_each_run_has_a_readable_id_of_its_own_and_links_are_quoted(tmp_path):
     assert html_text.count("<script>") == 1  # the sorting script of a table page
 
 
+def test_each_run_section_says_exactly_what_its_files_hold(tmp_path):
+    """A run's section, line by line: its results (finished or not, epochs done of planned, best epoch, test
+    accuracies), its settings as config.json has them, its curves and its evaluation or their absence."""
+    dataset_dir = tmp_path / "cifar10"
+    evaluate(make_run(dataset_dir, "cnn_resnet18", None, seed=1), ["airplane", "bird"])
+    unfinished = make_run(dataset_dir, "cnn_base", "wip", epochs=2, finished=False)
+    config = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps({**config, "epochs": 5}))
+    (make_run(dataset_dir, "cnn_vgg11", "broken") / "config.json").write_text("{")
+    names = list(MODELS)
+    rows = summary.group_runs([summary.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())], names)
+    ids = report._run_ids(rows)
+    sections = {run["run_dir"]: report.run_section(dataset_dir, run, ids[run["run_dir"]]).splitlines()
+                for row in rows for run in row["members"]}
+
+    def settings(model, epochs, seed, tag):
+        values = {"model": model, "epochs": epochs, "batch_size": 128, "lr": 0.05, "val_size": 0, "aug": "flip-crop",
+                  "seed": seed, "tag": tag, "device": "cpu", "amp": "off", "validation": "test"}
+        return '<dl class="settings">' + "".join(f"<dt>{name}</dt><dd>{value}</dd>" for name, value in values.items()) \
+            + "</dl>"
+
+    def section(name, results, settings_html, evaluation):
+        return [f'<section class="run" id="run-{name}">',
+                f'<h3>{name} <a class="muted" href="#summary">(back to the table)</a></h3>',
+                '<div class="columns"><div>', "<ul>" + "".join(f"<li>{item}</li>" for item in results) + "</ul>",
+                settings_html, "</div><div>",
+                f'<a href="{name}/curves.png"><img src="{name}/curves.png" alt="curves of {name}" loading="lazy"></a>',
+                "<h4>Evaluation</h4>", *evaluation, "</div></div>", "</section>"]
+
+    not_evaluated = ['<p class="muted">not evaluated (no usable eval.json; run it with --eval-only)</p>']
+    assert sections["cnn_base-wip"] == section(
+        "cnn_base-wip", ["unfinished, 2/5 epochs", "best valid accuracy 45.00% (epoch 2)",
+                         "no test accuracy yet (the run has not finished)"],
+        settings("cnn_base", 5, 0, "wip"), not_evaluated)
+    assert sections["cnn_resnet18"] == section(
+        "cnn_resnet18", ["finished, 3/3 epochs", "best valid accuracy 57.00% (epoch 3)",
+                         "test accuracy 51.00% (best.pt, epoch 3), 50.00% (final weights)"],
+        settings("cnn_resnet18", 3, 1, "null"),
+        ["<p>top-1 61.23%, top-5 94.56%, mirror TTA on, checkpoint of epoch 3, 10000 images</p>",
+         '<a href="cnn_resnet18/confusion_matrix.png"><img src="cnn_resnet18/confusion_matrix.png" '
+         'alt="confusion matrix of cnn_resnet18" loading="lazy"></a>',
+         "<details><summary>accuracy per class</summary><table><thead><tr><th>class</th><th>top-1</th></tr></thead>"
+         "<tbody><tr><td>airplane</td><td>50.00%</td></tr><tr><td>bird</td><td>50.00%</td></tr></tbody></table>"
+         "</details>"])
+    assert sections["cnn_vgg11-broken"] == section(
+        "cnn_vgg11-broken", ["finished, 3/3 epochs", "best valid accuracy 55.00% (epoch 3)",
+                             "test accuracy 50.00% (best.pt, epoch 3), 49.00% (final weights)"],
+        '<p class="muted">no readable config.json</p>', not_evaluated)
+    table = report._summary_table(rows, ids).splitlines()
+    assert table[:3] == ['<div class="scroll"><table class="sortable" id="summary">', table[1], "<tbody>"]
+    assert table[-1] == "</tbody></table></div>" and len(table) == 3 + len(rows) + 1
+
+
 def test_page_without_optional_files_links_nothing_missing(tmp_path):
     dataset_dir = tmp_path / "cifar10"
     run_dir = make_run(dataset_dir, "cnn_base", None, finished=False)
