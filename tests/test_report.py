@@ -101,6 +101,10 @@ def evaluate(run_dir: Path, class_names: list[str]) -> None:
 
 @pytest.fixture
 def results(tmp_path) -> Path:
+    return make_results(tmp_path)
+
+
+def make_results(tmp_path: Path) -> Path:
     """Two datasets; CIFAR-10 has seeds of one model, an evaluated run with a crafted class name,
     a run whose config.json carries a crafted tag, a folder name that needs quoting in a link, and
     an unfinished run with a broken config.json."""
@@ -310,6 +314,26 @@ def test_each_run_section_says_exactly_what_its_files_hold(tmp_path):
     table = report._summary_table(rows, ids).splitlines()
     assert table[:3] == ['<div class="scroll"><table class="sortable" id="summary">', table[1], "<tbody>"]
     assert table[-1] == "</tbody></table></div>" and len(table) == 3 + len(rows) + 1
+
+
+PINNED_PAGE = Path(__file__).parent / "fixtures" / "report_page.html"
+
+
+def pinned_page(root: Path) -> str:
+    """The CIFAR-10 page of make_results' folder, with a second evaluation that lacks what it may lack (TTA off,
+    no epoch or image count, no per-class figures, no confusion matrix): what tests/fixtures/report_page.html
+    holds (rebuild it with make_report_page.py there)."""
+    results = make_results(root)
+    (results / "cifar10" / "cnn_base-s1" / "eval.json").write_text(json.dumps({"top1": 0.5, "top5": 0.875,
+                                                                                "tta": False}))
+    write_pages(results)
+    return (results / "cifar10" / "index.html").read_text()
+
+
+def test_the_dataset_page_is_the_one_pinned(tmp_path):
+    """Every line of a dataset page: a change to what it says or how (a word, a tag, a sort key) fails here; a
+    change meant to do so rebuilds the fixture in the same commit."""
+    assert pinned_page(tmp_path) == PINNED_PAGE.read_text()
 
 
 def test_page_without_optional_files_links_nothing_missing(tmp_path):
