@@ -295,8 +295,7 @@ def write_index(results_root: Path, summaries: dict[Path, list[dict]]) -> Path:
         title = pretty_dataset(dataset_dir.name)
         page = _href(f"{folder}/{PAGE_FILE}")
         line = _dataset_line(rows)
-        body.append(f'<li><a href="{page}">{escape(title)}</a>'
-                    + (f": {escape(line)}" if line else "") + "</li>")
+        body.append(f'<li><a href="{page}">{escape(title)}</a>: {escape(line)}</li>')
         figures += [f'<h2><a href="{page}">{escape(title)}</a></h2>',
                     _image(dataset_dir / COMPARISON_FILE, f"{folder}/{COMPARISON_FILE}",
                            f"comparison of the models on {title}", "no comparison.png")]

@@ -179,6 +179,31 @@ def test_archive_with_right_md5_is_extracted_and_read(tmp_path):
     assert sorted(path.name for path in data_dir.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
 
+@pytest.mark.parametrize("damage, words", [("cut", ["could not extract"]),
+                                            ("no folder", ["holds no cifar-10-batches-py/ folder"])])
+def test_an_archive_with_the_right_md5_that_cannot_give_the_folder_is_refused(tmp_path, damage, words):
+    """The md5 matches (as the spec says it should), but the archive is cut short or holds another folder: one
+    line naming the archive and the download, nothing extracted into the data folder."""
+    write_cifar10(tmp_path / "source")
+    data_dir = tmp_path / "data"
+    archive = data_dir / "cifar-10-python.tar.gz"
+    if damage == "cut":
+        archive_of(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "whole.tar.gz")
+        data_dir.mkdir()
+        archive.write_bytes((tmp_path / "whole.tar.gz").read_bytes()[:2000])
+    else:
+        (tmp_path / "source" / "cifar-10-batches-py").rename(tmp_path / "source" / "other")
+        archive_of(tmp_path / "source" / "other", archive)
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(DataError) as error:
+        load_cifar(dataclasses.replace(TINY_CIFAR10, md5=md5), data_dir, download=False)
+    message = str(error.value)
+    assert str(archive) in message and TINY_CIFAR10.url in message and "\n" not in message
+    for word in words:
+        assert word in message, message
+    assert list(data_dir.iterdir()) == [archive]  # no folder, no temporary folder
+
+
 def test_archive_with_wrong_md5_is_refused_and_kept(tmp_path):
     write_cifar10(tmp_path / "source")
     archive = tmp_path / "data" / "cifar-10-python.tar.gz"

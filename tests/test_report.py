@@ -347,6 +347,16 @@ def test_page_without_optional_files_links_nothing_missing(tmp_path):
     assert page.images == [] and "../index.html" not in page.links  # no results/index.html yet
     assert_links_resolve(page_path, page)
     assert "no curves.png" in " ".join(page.text)
+    body = page_path.read_text().split("<body>\n")[1].splitlines()
+    assert body[:3] == ["", "<h1>CIFAR-10 results</h1>", "<p>1 run of 1 model. Click a column header to sort.</p>"]
+    assert '<p class="muted">no comparison.png</p>' in body
+    for name in ("summary.md", "summary.csv"):
+        (dataset_dir / name).write_text("x")
+    (tmp_path / "index.html").write_text("x")  # results/index.html now exists: linked without being asked
+    body = report.write_dataset_page(dataset_dir, rows).read_text().split("<body>\n")[1].splitlines()
+    assert body[:3] == ['<p><a href="../index.html">all datasets</a></p>', "<h1>CIFAR-10 results</h1>",
+                        "<p>1 run of 1 model. Click a column header to sort. The same table as "
+                        '<a href="summary.md">summary.md</a>, <a href="summary.csv">summary.csv</a>.</p>']
 
 
 def test_plot_py_on_the_results_root_writes_every_page(results, capsys):
