@@ -1,5 +1,6 @@
 """Shared test setup: the repository root on sys.path, and full-size CIFAR folders made of synthetic
 images in the official python format (nothing is downloaded)."""
+import contextlib
 import os
 import pickle
 import re
@@ -101,6 +102,17 @@ def keep_global_torch_settings():
         patch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
         yield
     torch.use_deterministic_algorithms(enabled)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside, its thread count put back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

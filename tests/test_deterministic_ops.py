@@ -12,6 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batches import BatchOptions, EvalBatches, TrainBatches
 from cli import Recipe, with_default_lr
+from conftest import one_torch_thread
 from evaluation import evaluate
 from model import MODELS, build_model
 from optimization import make_optimization
@@ -72,10 +73,8 @@ class OpRecorder(TorchDispatchMode):
 def one_thread():
     """Batches of two images are too small to share between threads; on a busy machine two threads wait for each
     other several times longer than one computes (7.6 minutes for this file instead of 1.5)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_the_list_names_real_operators_and_known_conditions():

@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from test_train import assert_one_line_error, read_metrics
 
 import sweep
 import train
-from conftest import REPO_ROOT, STARTED, without_time
+from conftest import REPO_ROOT, STARTED, one_torch_thread, without_time
 from errors import INTERRUPTED_EXIT, STOPPED_EXIT
 
 SEEDS = ["0", "1", "2"]
@@ -59,14 +58,10 @@ def log_starts(folder: Path, index: int) -> int:
 def runs_made_alone(cifar10_dir, tmp_path_factory, keep_global_torch_settings) -> Path:
     """The three runs of the sweep, each made alone, in this process with one thread as the sweep's have."""
     results = tmp_path_factory.mktemp("alone")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for seed in SEEDS:
             assert train.main("cifar10", ["--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}", "--no-progress",
                                           *run_flags(cifar10_dir, results)]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return results / "cifar10"
 
 
