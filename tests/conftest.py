@@ -1,6 +1,7 @@
 """Shared test setup: the repository root on sys.path, and full-size CIFAR folders made of synthetic
 images in the official python format (nothing is downloaded)."""
 import contextlib
+import functools
 import os
 import pickle
 import re
@@ -16,6 +17,12 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+# One thread for torch, here and in every process a test starts: the tests' tiny batches gain nothing from a
+# second thread (the two mostly wait for each other, far longer on a busy machine), runs that a test compares
+# across processes must sum in the same order, and each of pytest-xdist's workers keeps to a core of its own.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # A suite started in the background by a script (`cmd &`, nohup) inherits SIGINT ignored, and so would every
 # run it starts: the Ctrl-C tests would press a key nobody hears. Handle it as Python does, so runs do too.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
@@ -23,6 +30,20 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 
 # A line Python's warnings module prints ("file.py:12: DeprecationWarning: ..."), then the source line it quotes.
 WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
+
+
+# README's test command runs the files on two pytest-xdist workers (--dist loadfile), each handed the next file as
+# it nears the end of its last one, in the order below (--no-loadscope-reorder): the slowest first, so that no
+# long file is left to run alone at the end. The others follow in their usual order.
+SLOWEST_FILES_FIRST = ["test_train.py", "test_sweep.py", "test_faults.py", "test_models.py", "test_gpu_session.py",
+                       "test_deterministic_ops.py", "test_slurm.py", "test_stopping.py"]
+
+
+def pytest_collection_modifyitems(items) -> None:
+    def rank(item) -> int:
+        name = item.path.name
+        return SLOWEST_FILES_FIRST.index(name) if name in SLOWEST_FILES_FIRST else len(SLOWEST_FILES_FIRST)
+    items.sort(key=rank)  # a stable sort: each file's tests keep their order
 
 
 def message_lines(stderr: str) -> list[str]:
@@ -91,6 +112,18 @@ def cifar100_dir(tmp_path_factory) -> Path:
     write_pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
                                    "coarse_label_names": [f"coarse{i}" for i in range(20)]})
     return root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def read_each_dataset_once():
+    """The runs made in the pytest process read their data folder once, not once a run: reading and checking
+    the 60,000 images of a folder takes about half a second, and the suite makes a hundred such runs. (The
+    reading itself is tested in test_cifar.py and by every run in a process of its own.)"""
+    import train
+    with pytest.MonkeyPatch.context() as patch:
+        for dataset, (load, spec) in list(train.DATASETS.items()):
+            patch.setitem(train.DATASETS, dataset, (functools.lru_cache(maxsize=1)(load), spec))
+        yield
 
 
 @pytest.fixture(scope="module")

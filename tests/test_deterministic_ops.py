@@ -12,7 +12,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from batches import BatchOptions, EvalBatches, TrainBatches
 from cli import Recipe, with_default_lr
-from conftest import one_torch_thread
 from evaluation import evaluate
 from model import MODELS, build_model
 from optimization import make_optimization
@@ -67,14 +66,6 @@ class OpRecorder(TorchDispatchMode):
             if CONDITIONS[raising_op.condition](arguments):
                 self.raising[name] = raising_op.documentation
         return func(*args, **kwargs)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Batches of two images are too small to share between threads; on a busy machine two threads wait for each
-    other several times longer than one computes (7.6 minutes for this file instead of 1.5)."""
-    with one_torch_thread():
-        yield
 
 
 def test_the_list_names_real_operators_and_known_conditions():

@@ -2,7 +2,6 @@
 kill in the middle of saving a checkpoint. Nothing is lost: every file left is complete, the one-line error
 says what is kept and how to go on, and going on gives the numbers of a run that never broke."""
 import errno
-import functools
 import json
 import os
 import resource
@@ -23,8 +22,8 @@ import recording
 import run_files
 import runs
 import train
-from conftest import REPO_ROOT, without_time
-from errors import UsageError
+from conftest import REPO_ROOT, STARTED, without_time
+from errors import IN_USE_EXIT, TERMINATED_EXIT, UsageError
 
 NO_SPACE = "No space left on device"
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
@@ -52,15 +51,6 @@ def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> No
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def read_the_dataset_once():
-    """The in-process runs here test writing, not reading: they share one read of the 60,000 images."""
-    load, spec = train.DATASETS["cifar10"]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setitem(train.DATASETS, "cifar10", (functools.lru_cache(maxsize=1)(load), spec))
-        yield
-
-
 @pytest.fixture(scope="module")
 def reference(cifar10_dir, tmp_path_factory) -> Path:
     """The unbroken run every broken-then-continued run must match."""
@@ -78,45 +68,53 @@ def summary_without_time(run_dir: Path) -> dict:
 # One process per folder
 
 
-def test_a_folder_in_use_refuses_a_second_run_and_eval_but_not_plot(cifar10_dir, tmp_path, capsys):
-    args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # killed once checked
+def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_its_run_now(cifar10_dir, tmp_path,
+                                                                                          capsys):
+    args = tiny_args(cifar10_dir, tmp_path, epochs=1000)  # stopped once checked
     run_dir = tmp_path / "cifar10" / "cnn_base"
     with open(tmp_path / "first.err", "w") as first_err:  # on one core, leaving the others to the checks
         first = subprocess.Popen([sys.executable, "main_cifar10.py", *args], cwd=REPO_ROOT,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  stdout=subprocess.DEVNULL, stderr=first_err)
-    try:
-        log = run_dir / run_files.LOG_FILE
-        wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
-        names_before = {path.name for path in run_dir.iterdir()}
+    STARTED.append(first)
+    log = run_dir / run_files.LOG_FILE
+    wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
+    names_before = {path.name for path in run_dir.iterdir()}
 
-        # The same command, --eval-only and plot.py while the first trains, in this process (the lock is the
-        # other one's: a lock is held by a process, whichever process asks).
-        capsys.readouterr()
-        assert train.main("cifar10", args) == 2
-        assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on", "--tag",
-                              "--results-dir")
-        assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir),
-                                      "--results-dir", str(tmp_path)]) == 2
-        assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on")
-        assert plot.main([str(run_dir)]) == 0
-        assert first.poll() is None, "the first run ended before the checks were done: they prove nothing"
-        names = {path.name for path in run_dir.iterdir()}
-        assert all(f".{first.pid}{run_files.TEMP_MARK}" in name for name in names - names_before)
-        assert run_files.EVAL_FILE not in names and run_files.CONFUSION_FILE not in names
-        assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
-    finally:
-        # SIGKILL, which gives the process no chance to unlock: the lock must go with it all the same.
-        # (Ctrl-C has its own test in test_train.py.)
-        first.kill()
-        first.wait(timeout=120)
+    # The same command, under --auto-resume (its own exit code, which a sweep reads), --eval-only and plot.py
+    # while the first trains, in this process (the lock is the other one's: a lock is held by a process,
+    # whichever process asks).
+    capsys.readouterr()
+    assert train.main("cifar10", args) == 2
+    assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on", "--tag", "--results-dir")
+    assert train.main("cifar10", [*args, "--auto-resume"]) == IN_USE_EXIT
+    assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on")
+    assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir),
+                                  "--results-dir", str(tmp_path)]) == 2
+    assert_one_line_error(capsys.readouterr().err, "in use", f"process {first.pid} on")
+    assert plot.main([str(run_dir)]) == 0
+    assert first.poll() is None, "the first run ended before the checks were done: they prove nothing"
+    names = {path.name for path in run_dir.iterdir()}
+    assert all(f".{first.pid}{run_files.TEMP_MARK}" in name for name in names - names_before)
+    assert run_files.EVAL_FILE not in names and run_files.CONFUSION_FILE not in names
+    assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
+
+    # SIGTERM (what a scheduler sends) stops the run now, like Ctrl-C, keeping what was saved. (A SIGKILL,
+    # which gives a process no chance to unlock, is in the checkpoint tests below and in test_train.py.)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=60)
+    stderr = (tmp_path / "first.err").read_text()
+    assert first.returncode == TERMINATED_EXIT, stderr
     last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
+    saved = last["epoch"]
+    assert stderr.strip().splitlines() == [
+        f"Terminated: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}; continue with the same "
+        "command and --resume"]
+    # Whatever the signal interrupted: metrics.csv at most an epoch behind last.pt (--resume rewrites it from
+    # last.pt), best.pt (saved before last.pt) at most an epoch ahead.
     rows = read_metrics(run_dir)
-    # A kill between saving last.pt and metrics.csv leaves metrics.csv an epoch behind; --resume
-    # rewrites it from last.pt.
-    assert len(rows) in (last["epoch"] - 1, last["epoch"]) and rows == as_read(last["history"][:len(rows)])
-    # best.pt is saved before last.pt, so a kill between the two leaves best.pt an epoch ahead.
-    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= last["epoch"] + 1
+    assert len(rows) in (saved - 1, saved) and rows == as_read(last["history"][:len(rows)])
+    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved + 1
     runs.refuse_if_in_use(run_dir)  # the lock went with the process
 
 
@@ -337,30 +335,35 @@ sys.exit(train.main("cifar10", sys.argv[4:]))
 """
 
 
-@pytest.mark.parametrize("name", [run_files.LAST_CHECKPOINT, run_files.BEST_CHECKPOINT])
 def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_its_lock(
-        reference, cifar10_dir, tmp_path, capsys, name):
+        reference, cifar10_dir, tmp_path, capsys):
     rows = read_metrics(reference)
     assert float(rows[1]["val_acc"]) > float(rows[0]["val_acc"]), "epoch 2 must save best.pt again"
-    args = fault_args(cifar10_dir, tmp_path)
-    run_dir = tmp_path / "cifar10" / "cnn_base"
-    marker = tmp_path / "inside-the-save"
-    process = subprocess.Popen([sys.executable, "-c", KILL_IN_SAVE, name, "2", str(marker), *args],
-                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
+    # Killed in the save of last.pt, and in that of best.pt: two processes at once, a folder each.
+    killed = {}
+    for name in (run_files.LAST_CHECKPOINT, run_files.BEST_CHECKPOINT):
+        marker = tmp_path / f"inside-{name}"
+        STARTED.append(subprocess.Popen(
+            [sys.executable, "-c", KILL_IN_SAVE, name, "2", str(marker), *fault_args(cifar10_dir, tmp_path / name)],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        killed[name] = STARTED[-1], marker
+    for process, marker in killed.values():
         wait_until(marker.exists, process)
-    finally:
+    for process, _ in killed.values():
         process.kill()
         process.wait()
-    assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{run_files.TEMP_MARK}.pt"]
-    assert torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
-    best_epoch = 1 if name == run_files.BEST_CHECKPOINT else 2  # saved before last.pt
-    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
-    assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
 
-    capsys.readouterr()
-    assert train.main("cifar10", [*args, "--resume"]) == 0
-    assert "Resuming" in capsys.readouterr().out
-    assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
-    assert summary_without_time(run_dir) == summary_without_time(reference)
-    assert temp_files(run_dir) == []
+    for name, (process, _) in killed.items():
+        run_dir = tmp_path / name / "cifar10" / "cnn_base"
+        assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{run_files.TEMP_MARK}.pt"]
+        assert torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+        best_epoch = 1 if name == run_files.BEST_CHECKPOINT else 2  # saved before last.pt
+        assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
+        assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
+
+        capsys.readouterr()
+        assert train.main("cifar10", [*fault_args(cifar10_dir, tmp_path / name), "--resume"]) == 0
+        assert "Resuming" in capsys.readouterr().out
+        assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
+        assert summary_without_time(run_dir) == summary_without_time(reference)
+        assert temp_files(run_dir) == []

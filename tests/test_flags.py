@@ -159,7 +159,6 @@ def test_cifar100_refuses_the_same_way(workdir, monkeypatch, capsys, extra, word
 @pytest.mark.parametrize("script, data_fixture, extra, words", [
     # defaults for --data-dir and --results-dir: relative to the working directory, which must stay empty
     ("main_cifar10.py", None, ["--tag", "../escape", "--lr", "0.1"], ["--tag", "../escape"]),
-    ("main_cifar10.py", "cifar10_dir", ["--resume", "--overwrite"], ["--resume", "--overwrite"]),
     ("main_cifar10.py", "cifar10_dir", ["--results-dir", FILE], ["--results-dir", FILE]),
     ("main_cifar100.py", None, ["--subset", "50001"], ["--subset", "50001"]),
 ])

@@ -236,11 +236,11 @@ def test_cli_redraws_one_runs_curves(tmp_path, capsys):
     assert_png(run_dir / "curves.png")
 
 
-def test_cli_on_a_missing_path_exits_2_with_one_line():
-    result = run_cli("results/no_such_dataset_folder")
-    assert result.returncode == 2
-    assert len(message_lines(result.stderr)) == 1
-    assert "no_such_dataset_folder" in result.stderr
+def test_cli_on_a_missing_path_exits_2_with_one_line(capsys):
+    assert plot.main(["results/no_such_dataset_folder"]) == 2
+    err = capsys.readouterr().err
+    assert len(message_lines(err)) == 1
+    assert "no_such_dataset_folder" in err
 
 
 def test_cli_on_a_folder_with_nothing_to_plot_exits_2(tmp_path, capsys):

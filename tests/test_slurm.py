@@ -13,12 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-from test_sweep import epoch_lines, run_flags, start
+from test_sweep import epoch_lines, run_flags
 from test_train import read_metrics
 
+import sweep
+import train
 from conftest import REPO_ROOT, without_time
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
+pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")  # --deterministic runs in this process
 
 
 def free_port() -> int:
@@ -97,12 +100,10 @@ def squeue(env: dict, job: str) -> dict[str, str]:
 
 
 @pytest.mark.timeout(900)  # SLURM's own start-up and requeue delays come on top of six short runs
-def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env, cifar10_dir, tmp_path):
+def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env, cifar10_dir, tmp_path, monkeypatch,
+                                                                      capsys):
     seeds = ["0", "1", "2"]
     flags = run_flags(cifar10_dir, tmp_path / "results", epochs=6, subset=600)
-    alone = [start([sys.executable, "main_cifar10.py", "--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}",
-                    "--no-progress", *run_flags(cifar10_dir, tmp_path / "alone", epochs=6, subset=600)])
-             for seed in seeds[:2]]
     submitted = subprocess.run(
         [sys.executable, "sweep.py", "--name", "array", "--seeds", *seeds, "--slurm", "--max-parallel", "2",
          "--gpus-per-run", "0", "--", *flags], cwd=REPO_ROOT, env=slurm_env, capture_output=True, text=True,
@@ -135,9 +136,9 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
                 subprocess.run(["scontrol", "update", f"jobid={task}", "starttime=now+3"], env=slurm_env,
                                capture_output=True, timeout=30)
         time.sleep(1)
-    for process in alone:
-        output, _ = process.communicate(timeout=120)
-        assert process.returncode == 0, output
+    for seed in seeds[:2]:  # the interrupted runs, made again unbroken, in this process (one thread, as the tasks)
+        assert train.main("cifar10", ["--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}", "--no-progress",
+                                      *run_flags(cifar10_dir, tmp_path / "alone", epochs=6, subset=600)]) == 0
 
     logs = tmp_path / "results" / "sweeps" / "array" / "logs"
     stopped, preempted = (logs / "0.log").read_text(), (logs / "1.log").read_text()
@@ -151,7 +152,8 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
         if index < 2:
             assert without_time(read_metrics(folder)) == without_time(
                 read_metrics(tmp_path / "alone" / "cifar10" / folder.name))
-    status = subprocess.run([sys.executable, "sweep.py", "--status", "array", "--", "--results-dir",
-                             str(tmp_path / "results")], cwd=REPO_ROOT, env=slurm_env, capture_output=True,
-                            text=True, timeout=60)
-    assert "3 done, 0 running, 0 failed, 0 waiting" in status.stdout, status.stdout
+    monkeypatch.setenv("SLURM_CONF", slurm_env["SLURM_CONF"])  # --status asks this SLURM's queue
+    capsys.readouterr()
+    assert sweep.main(["--status", "array", "--", "--results-dir", str(tmp_path / "results")]) == 0
+    status = capsys.readouterr().out
+    assert "3 done, 0 running, 0 failed, 0 waiting" in status, status

@@ -1,5 +1,5 @@
-"""sweep.py as users drive it, with real processes on the CPU: a sweep killed with SIGKILL and started again
-finishes every run once with the metrics of runs made alone; two sweep processes on one plan share it; a
+"""sweep.py as users drive it, with real processes on the CPU: a sweep killed with SIGKILL and started again by
+two processes at once (which share the plan) finishes every run once with the metrics of runs made alone; a
 failing run is retried once and reported while the rest finish; Ctrl-C stops the runs after their epoch; bad
 input is one line, exit 2, nothing written; --slurm writes the job array."""
 import json
@@ -16,7 +16,7 @@ from test_train import assert_one_line_error, read_metrics
 
 import sweep
 import train
-from conftest import REPO_ROOT, STARTED, one_torch_thread, without_time
+from conftest import REPO_ROOT, STARTED, without_time
 from errors import INTERRUPTED_EXIT, STOPPED_EXIT
 
 SEEDS = ["0", "1", "2"]
@@ -56,19 +56,20 @@ def log_starts(folder: Path, index: int) -> int:
 
 @pytest.fixture(scope="module")
 def runs_made_alone(cifar10_dir, tmp_path_factory, keep_global_torch_settings) -> Path:
-    """The three runs of the sweep, each made alone, in this process with one thread as the sweep's have."""
+    """The three runs of the sweep, each made alone, in this process (on one thread, as the sweep's: conftest)."""
     results = tmp_path_factory.mktemp("alone")
-    with one_torch_thread():
-        for seed in SEEDS:
-            assert train.main("cifar10", ["--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}", "--no-progress",
-                                          *run_flags(cifar10_dir, results)]) == 0
+    for seed in SEEDS:
+        assert train.main("cifar10", ["--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}", "--no-progress",
+                                      *run_flags(cifar10_dir, results)]) == 0
     return results / "cifar10"
 
 
-def test_a_killed_sweep_started_again_finishes_every_run_once(cifar10_dir, tmp_path, runs_made_alone):
+def test_a_killed_sweep_started_again_twice_at_once_finishes_every_run_once(cifar10_dir, tmp_path, runs_made_alone,
+                                                                           capsys):
+    """Killed with SIGKILL mid-way, then started again by two processes at once (as two terminals, or two nodes
+    on one shared folder, would): they share the plan, so every run is started once, finished once."""
     results = tmp_path / "results"
-    command = sweep_command("lab", run_flags(cifar10_dir, results), "--workers", "2")
-    first = start(command)
+    first = start(sweep_command("lab", run_flags(cifar10_dir, results), "--workers", "2"))
     run_dirs = [results / "cifar10" / f"cnn_base-s{seed}" for seed in SEEDS]
     deadline = time.time() + 180
     while time.time() < deadline and not any((folder / "metrics.csv").is_file() for folder in run_dirs):
@@ -84,43 +85,33 @@ def test_a_killed_sweep_started_again_finishes_every_run_once(cifar10_dir, tmp_p
     folder = results / "sweeps" / "lab"
     starts_before = [log_starts(folder, index) for index in range(len(SEEDS))]
 
-    output = finish(start(command))  # the same command again
-    assert "3 done, 0 running, 0 failed, 0 waiting" in output
+    both = [start(sweep_command("lab", run_flags(cifar10_dir, results), "--workers", "1")) for _ in range(2)]
+    for process in both:
+        assert "3 done, 0 running, 0 failed, 0 waiting" in finish(process)
     for index, run_dir in enumerate(run_dirs):
-        # a finished run is not started again, and no epoch is trained to its end twice (a SIGKILL may come
-        # between an epoch's files and its log line, so a line may be missing, never doubled)
+        # a finished run is not started again, an unfinished one by one process only, and no epoch is trained
+        # to its end twice (a SIGKILL may come between an epoch's files and its log line, so a line of the
+        # sweep's log may be missing, never doubled; the run's own log.txt has every line once)
         assert log_starts(folder, index) == starts_before[index] + (not finished_before[index])
         lines = epoch_lines(folder / "logs" / f"{index}.log")
         assert len(lines) == len(set(lines)), lines
+        assert epoch_lines(run_dir / "log.txt") == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
         assert without_time(read_metrics(run_dir)) == without_time(read_metrics(runs_made_alone / run_dir.name))
     assert (results / "cifar10" / "summary.md").is_file()  # plot.py on the dataset at the end
 
-    status = subprocess.run([sys.executable, "sweep.py", "--status", "lab", "--", "--results-dir", str(results)],
-                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
-    assert status.returncode == 0, status.stderr
+    capsys.readouterr()
+    assert sweep.main(["--status", "lab", "--", "--results-dir", str(results)]) == 0
+    status = capsys.readouterr().out
     for seed in SEEDS:
         accuracy = json.loads((results / "cifar10" / f"cnn_base-s{seed}" / "summary.json").read_text())
-        assert f"| cifar10/cnn_base-s{seed} | done | 3/3 | {accuracy['final_test_acc']:.4f} |" in status.stdout
-
-
-def test_two_sweep_processes_on_one_plan_start_every_run_once(cifar10_dir, tmp_path):
-    results = tmp_path / "results"
-    command = sweep_command("twice", run_flags(cifar10_dir, results, epochs=2, subset=500), "--workers", "1")
-    both = [start(command), start(command)]
-    for process in both:
-        finish(process)
-    folder = results / "sweeps" / "twice"
-    for index in range(len(SEEDS)):
-        log = (folder / "logs" / f"{index}.log").read_text()
-        assert log.count("=== ") == 1, log  # started once, by one of the two
-        assert epoch_lines(folder / "logs" / f"{index}.log") == ["Epoch 1/2", "Epoch 2/2"]
+        assert f"| cifar10/cnn_base-s{seed} | done | 3/3 | {accuracy['final_test_acc']:.4f} |" in status
 
 
 def test_a_failing_run_is_retried_once_and_reported_and_the_rest_finish(cifar10_dir, tmp_path):
     results = tmp_path / "results"
     flags = [*run_flags(cifar10_dir, results, epochs=1, subset=500), "--warmup-epochs", "0"]
     command = [sys.executable, "sweep.py", "--name", "nan", "--seeds", "0", "--set", "lr=1e9,0.05",
-               "--workers", "1", "--", *flags]
+               "--workers", "2", "--", *flags]
     process = start(command)
     output, _ = process.communicate(timeout=900)
     assert process.returncode == 1, output
