@@ -103,7 +103,7 @@ def squeue(env: dict, job: str) -> dict[str, str]:
 def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env, cifar10_dir, tmp_path, monkeypatch,
                                                                       capsys):
     seeds = ["0", "1", "2"]
-    flags = run_flags(cifar10_dir, tmp_path / "results", epochs=6, subset=600)
+    flags = run_flags(cifar10_dir, tmp_path / "results", epochs=6, subset=1200)
     submitted = subprocess.run(
         [sys.executable, "sweep.py", "--name", "array", "--seeds", *seeds, "--slurm", "--max-parallel", "2",
          "--gpus-per-run", "0", "--", *flags], cwd=REPO_ROOT, env=slurm_env, capture_output=True, text=True,
@@ -111,15 +111,16 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
     assert submitted.returncode == 0, submitted.stderr
     job = re.search(r"Submitted job array (\d+)", submitted.stdout).group(1)
     run_dirs = [tmp_path / "results" / "cifar10" / f"cnn_base-s{seed}" for seed in seeds]
-    # Each task is signalled as soon as its own run has an epoch saved, so in the epochs still to come (the two
-    # tasks need not start together: waiting for both could let the first finish before its signal).
-    signals = [["scancel", "-b", "-s", "USR1", f"{job}_0"], ["scontrol", "requeue", f"{job}_1"]]
+    # Each task is signalled as soon as its own run has an epoch saved, whichever comes first, so in the epochs
+    # still to come (the two tasks need not start together: waiting for one could let the other finish first,
+    # as it once did, its 6 epochs in 2 s).
+    signals = {0: ["scancel", "-b", "-s", "USR1", f"{job}_0"], 1: ["scontrol", "requeue", f"{job}_1"]}
     deadline = time.time() + 120
-    for folder, command in zip(run_dirs, signals):
-        while not (folder / "metrics.csv").is_file():
-            assert time.time() < deadline, squeue(slurm_env, job)
-            time.sleep(0.05)
-        subprocess.run(command, env=slurm_env, check=True, timeout=30)
+    while signals:
+        for index in [index for index in signals if (run_dirs[index] / "metrics.csv").is_file()]:
+            subprocess.run(signals.pop(index), env=slurm_env, check=True, timeout=30)
+        assert time.time() < deadline, squeue(slurm_env, job)
+        time.sleep(0.05)
     # Done when every run has its summary.json and the queue has been empty twice in a row: a task being
     # requeued can be missing from one listing (or squeue can time out on a busy machine), so one empty
     # listing alone does not mean the array ended.
@@ -138,7 +139,7 @@ def test_an_array_stopped_for_now_and_preempted_ends_done_and_resumed(slurm_env,
         time.sleep(1)
     for seed in seeds[:2]:  # the interrupted runs, made again unbroken, in this process (one thread, as the tasks)
         assert train.main("cifar10", ["--model", "cnn_base", "--seed", seed, "--tag", f"s{seed}", "--no-progress",
-                                      *run_flags(cifar10_dir, tmp_path / "alone", epochs=6, subset=600)]) == 0
+                                      *run_flags(cifar10_dir, tmp_path / "alone", epochs=6, subset=1200)]) == 0
 
     logs = tmp_path / "results" / "sweeps" / "array" / "logs"
     stopped, preempted = (logs / "0.log").read_text(), (logs / "1.log").read_text()
