@@ -1,10 +1,14 @@
 """Shared test setup: the repository root on sys.path, and full-size CIFAR folders made of synthetic
 images in the official python format (nothing is downloaded)."""
 import contextlib
+import fcntl
 import functools
+import hashlib
+import inspect
 import os
 import pickle
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -75,11 +79,9 @@ def write_pickle(path: Path, obj: dict) -> None:
     with open(path, "wb") as handle:
         pickle.dump(obj, handle, protocol=2)
 
-@pytest.fixture(scope="session")
-def cifar10_dir(tmp_path_factory) -> Path:
-    """A data folder holding a full-size (50,000 + 10,000) CIFAR-10 in the official python format."""
-    root = tmp_path_factory.mktemp("cifar10-data")
-    folder = root / "cifar-10-batches-py"
+def write_full_cifar10(folder: Path) -> None:
+    """A full-size (50,000 + 10,000) CIFAR-10 in the official python format, in folder/cifar-10-batches-py."""
+    folder = folder / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     for index in range(1, 6):
@@ -94,13 +96,11 @@ def cifar10_dir(tmp_path_factory) -> Path:
     write_pickle(folder / "batches.meta", {
         "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                         "ship", "truck"], "num_cases_per_batch": 10_000, "num_vis": 3072})
-    return root
 
-@pytest.fixture(scope="session")
-def cifar100_dir(tmp_path_factory) -> Path:
-    """A data folder holding a full-size CIFAR-100 in the official python format."""
-    root = tmp_path_factory.mktemp("cifar100-data")
-    folder = root / "cifar-100-python"
+
+def write_full_cifar100(folder: Path) -> None:
+    """A full-size CIFAR-100 in the official python format, in folder/cifar-100-python."""
+    folder = folder / "cifar-100-python"
     folder.mkdir()
     rng = np.random.default_rng(1)
     for name, count in (("train", 50_000), ("test", 10_000)):
@@ -111,7 +111,43 @@ def cifar100_dir(tmp_path_factory) -> Path:
             "filenames": [f"{i}.png" for i in range(count)]})
     write_pickle(folder / "meta", {"fine_label_names": [f"fine{i}" for i in range(100)],
                                    "coarse_label_names": [f"coarse{i}" for i in range(20)]})
-    return root
+
+
+def data_folder(tmp_path_factory, write) -> Path:
+    """A data folder made by write, which the tests read and never change: made once for the two pytest-xdist
+    workers of a session (in the session's folder, the first to come makes it while the other waits), or kept
+    across sessions in $CIFAR_TEST_DATA_CACHE when that is set (mutmut starts a session per mutant); its name
+    holds a digest of the code that writes it, so an edited writer makes a new one."""
+    cache = os.environ.get("CIFAR_TEST_DATA_CACHE")
+    if not cache and "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(write.__name__)
+        write(folder)
+        return folder
+    source = "".join(inspect.getsource(code) for code in (synthetic_images, write_pickle, write))
+    parent = Path(cache) if cache else tmp_path_factory.getbasetemp().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = parent / f"{write.__name__}-{hashlib.sha256(source.encode()).hexdigest()[:12]}"
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if not folder.is_dir():
+            partial = Path(f"{folder}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir()
+            write(partial)
+            partial.rename(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def cifar10_dir(tmp_path_factory) -> Path:
+    """A data folder holding a full-size (50,000 + 10,000) CIFAR-10 in the official python format."""
+    return data_folder(tmp_path_factory, write_full_cifar10)
+
+
+@pytest.fixture(scope="session")
+def cifar100_dir(tmp_path_factory) -> Path:
+    """A data folder holding a full-size CIFAR-100 in the official python format."""
+    return data_folder(tmp_path_factory, write_full_cifar100)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -21,6 +21,15 @@ def test_channel_stats_are_the_per_channel_mean_and_std_as_fractions():
     assert std == pytest.approx(pixels.std(1, unbiased=False).tolist(), abs=1e-12)
 
 
+@pytest.mark.parametrize("images", [torch.zeros(2, 3, 4, 4), torch.zeros(3, 4, 4, dtype=torch.uint8),
+                                    torch.zeros(2, 1, 4, 4, dtype=torch.uint8),
+                                    torch.zeros(0, 3, 4, 4, dtype=torch.uint8)], ids=["float", "3-d", "1-channel",
+                                                                                      "empty"])
+def test_channel_stats_refuses_anything_but_uint8_rgb_images(images):
+    with pytest.raises(ValueError, match=r"^channel_stats needs a non-empty uint8 N x 3 x H x W tensor, got "):
+        channel_stats(images)
+
+
 def test_validation_split_is_balanced_disjoint_sorted_and_fixed_by_the_seed():
     labels = torch.arange(300) % 10
     labels = labels[torch.randperm(300, generator=torch.Generator().manual_seed(1))]
@@ -194,7 +203,8 @@ def test_starting_a_second_iteration_stops_the_first_loudly():
     first = iter(batches)
     next(first)
     next(iter(batches))
-    with pytest.raises(RuntimeError, match="iterate one at a time"):
+    with pytest.raises(RuntimeError, match=r"^TrainBatches was iterated again before an earlier iteration "
+                                           r"finished; they share buffers, so iterate one at a time$"):
         next(first)
 
 

@@ -3,14 +3,18 @@ archive, and refusing damaged or crafted files with one line naming the file. Ev
 tests write themselves, pickled the way the official ones were; nothing comes from the network."""
 import dataclasses
 import hashlib
+import importlib
 import io
 import os
 import pickle
+import re
 import socket
 import struct
 import tarfile
+import tempfile
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -222,7 +226,16 @@ def test_download_from_a_refusing_address_gives_data_error_naming_the_url(tmp_pa
     with pytest.raises(DataError) as error:
         load_cifar(dataclasses.replace(TINY_CIFAR10, url=url), tmp_path / "data", download=True)
     assert url in str(error.value) and "\n" not in str(error.value)
+    assert "<urlopen error" not in str(error.value)  # the reason itself, not urllib's wrapping of it
     assert list((tmp_path / "data").iterdir()) == []  # no partial download left behind
+
+
+def test_a_data_dir_that_cannot_be_made_says_why(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError) as error:
+        load_cifar(TINY_CIFAR10, tmp_path / "a-file" / "data", download=True)
+    assert str(error.value).startswith(f"could not write the dataset into {tmp_path / 'a-file' / 'data'}/ ("
+                                       "[Errno 20] Not a directory: ")
 
 
 class ArchiveServer(ThreadingHTTPServer):
@@ -265,12 +278,20 @@ def server(monkeypatch):
         serving.shutdown()
 
 
-def test_a_download_with_the_official_md5_is_put_in_place_extracted_and_read(tmp_path, server):
+def test_a_download_with_the_official_md5_is_put_in_place_extracted_and_read(tmp_path, server, monkeypatch):
     written = write_cifar10(tmp_path / "source")
     md5 = archive_of(tmp_path / "source" / "cifar-10-batches-py", tmp_path / "served.tar.gz")
     server.body = (tmp_path / "served.tar.gz").read_bytes()
     data_dir = tmp_path / "data" / "new"  # made by the download
+    # It downloads into a hidden folder of its own inside data_dir, never the system's temporary folder (on another
+    # file system, the archive could not be moved into place in one step).
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    utils, folders = cifar._archive_utils(), []
+    download_url = utils.download_url
+    monkeypatch.setattr(utils, "download_url", lambda url, root, **kwargs: (folders.append(Path(root)),
+                                                                             download_url(url, root, **kwargs)))
     data = load_cifar(dataclasses.replace(TINY_CIFAR10, url=server.url, md5=md5), data_dir, download=True)
+    assert len(folders) == 1 and folders[0].parent == data_dir and folders[0].name.startswith(".download-")
     assert torch.equal(data.train_images, as_images(written["train_rows"]))
     assert data.test_labels.tolist() == written["test_labels"].tolist()
     assert sorted(path.name for path in data_dir.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
@@ -375,6 +396,23 @@ CRAFTED = {
 }
 
 
+def test_files_pickled_under_numpy_2s_module_names_load_with_numpy_1_too(tmp_path, monkeypatch):
+    """numpy 1 has no numpy._core: the unpickler then finds the same functions under numpy.core."""
+    import_module = importlib.import_module
+
+    def numpy_1(name: str, *args):
+        if name.startswith("numpy._core."):
+            raise ImportError(f"No module named {name!r}")
+        return import_module(name, *args)
+
+    written = write_cifar10(tmp_path)
+    monkeypatch.setattr(cifar.importlib, "import_module", numpy_1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 still answers to numpy.core, with a warning
+        data = load_cifar(TINY_CIFAR10, tmp_path, download=False)
+    assert torch.equal(data.train_images, as_images(written["train_rows"]))
+
+
 @pytest.mark.parametrize("name", list(CRAFTED))
 def test_every_check_of_the_safe_unpickler_refuses_in_one_line(tmp_path, name):
     crafted, reason = CRAFTED[name]
@@ -388,52 +426,70 @@ def test_every_check_of_the_safe_unpickler_refuses_in_one_line(tmp_path, name):
     assert "\n" not in message
 
 
-def truncate(folder: Path) -> str:
+# Each damage: what it does to a CIFAR-10 folder, then the file the error must name and what it must say.
+def truncate(folder: Path) -> tuple[str, str]:
     path = folder / "data_batch_2"
     path.write_bytes(path.read_bytes()[:5000])
-    return "data_batch_2"
+    return "data_batch_2", r"is truncated or not a CIFAR file \(\w+Error: "  # the exception's class, then its words
 
 
-def wrong_shape(folder: Path) -> str:
+def wrong_shape(folder: Path) -> tuple[str, str]:
     (folder / "data_batch_4").write_bytes(python2_pickle({"data": np.zeros((4, 3000), np.uint8), "labels": [0] * 4}))
-    return "data_batch_4"
+    return "data_batch_4", r"has 'data' of \(4, 3000\), not N x 3072 uint8"
 
 
-def label_out_of_range(folder: Path) -> str:
+def flat_data(folder: Path) -> tuple[str, str]:
+    (folder / "data_batch_4").write_bytes(python2_pickle({"data": np.zeros(3072, np.uint8), "labels": [0]}))
+    return "data_batch_4", r"has 'data' of \(3072,\), not N x 3072 uint8"
+
+
+def labels_missing(folder: Path) -> tuple[str, str]:
+    (folder / "data_batch_3").write_bytes(python2_pickle({"data": random_rows(4, 7)}))
+    return "data_batch_3", "has no 'labels' list"
+
+
+def labels_one_short(folder: Path) -> tuple[str, str]:
+    (folder / "data_batch_3").write_bytes(python2_pickle({"data": random_rows(4, 7), "labels": [1, 2, 3]}))
+    return "data_batch_3", r"has \(3,\) 'labels' of type int64 for 4 images"
+
+
+def label_out_of_range(folder: Path) -> tuple[str, str]:
     (folder / "test_batch").write_bytes(python2_pickle({"data": random_rows(TEST_SIZE, 5),
                                                         "labels": [10] + [0] * (TEST_SIZE - 1)}))
-    return "test_batch"
+    return "test_batch", r"has 'labels' outside 0\.\.9"
 
 
-def missing_file(folder: Path) -> str:
+def missing_file(folder: Path) -> tuple[str, str]:
     (folder / "data_batch_5").unlink()
-    return "data_batch_5"
+    return "data_batch_5", "data_batch_5 is missing; replace"
 
 
-def too_few_images(folder: Path) -> str:
+def too_few_images(folder: Path) -> tuple[str, str]:
     (folder / "data_batch_1").write_bytes(python2_pickle({"data": random_rows(3, 6), "labels": [1, 2, 3]}))
-    return ""  # the folder as a whole is wrong
+    return "", "images in data_batch_1"  # the folder as a whole is wrong
 
 
-def too_few_class_names(folder: Path) -> str:
+def too_few_class_names(folder: Path) -> tuple[str, str]:
     (folder / "batches.meta").write_bytes(python2_pickle({"label_names": CIFAR10_NAMES[:9]}))
-    return "batches.meta"
+    return "batches.meta", "has no list of 10 names under 'label_names'"
 
 
-def not_a_dict(folder: Path) -> str:
+def not_a_dict(folder: Path) -> tuple[str, str]:
     (folder / "data_batch_1").write_bytes(pickle.dumps([1, 2, 3]))
-    return "data_batch_1"
+    return "data_batch_1", ""
 
 
-@pytest.mark.parametrize("damage", [truncate, wrong_shape, label_out_of_range, missing_file, too_few_images,
-                                    too_few_class_names, not_a_dict])
+@pytest.mark.parametrize("damage", [truncate, wrong_shape, flat_data, labels_missing, labels_one_short,
+                                    label_out_of_range, missing_file, too_few_images, too_few_class_names, not_a_dict])
 def test_damaged_files_give_one_line_data_error_naming_the_file(tmp_path, damage):
     write_cifar10(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
-    bad_name = damage(folder)
+    bad_name, says = damage(folder)
     with pytest.raises(DataError) as error:
         load_cifar(TINY_CIFAR10, tmp_path, download=False)
-    assert str(folder / bad_name) in str(error.value) and "\n" not in str(error.value)
+    message = str(error.value)
+    assert str(folder / bad_name) in message and "\n" not in message
+    assert re.search(says, message), message
     assert (folder / "batches.meta").exists()  # the user's files stay
 
 

@@ -1,5 +1,6 @@
 """The entry scripts' quick commands: --list-models, --summary, bad model names, the device report."""
 import re
+import runpy
 import subprocess
 import sys
 
@@ -85,10 +86,9 @@ def test_every_flag_has_help():
         assert action.help, action.dest
 
 
-def test_device_report_names_torch_and_the_device():
-    completed = run("__init__.py")
-    assert completed.returncode == 0
-    lines = completed.stdout.splitlines()
+def test_device_report_names_torch_and_the_device(capsys):
+    runpy.run_path(str(REPO_ROOT / "__init__.py"), run_name="__main__")  # python __init__.py, in this process
+    lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"GPU available: (True|False)", lines[0])
     assert lines[1].startswith("PyTorch version: ")
     assert re.fullmatch(r"Device: (cuda|mps|cpu)", lines[2])

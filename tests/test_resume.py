@@ -166,6 +166,17 @@ def test_the_schedule_warms_up_per_step_then_decays_by_cosine_to_zero():
     assert 0 < after[-1] < 0.001
 
 
+@pytest.mark.parametrize("momentum, nesterov", [(0.9, True), (0.9, False), (0.0, True)])
+def test_the_optimizer_is_sgd_with_the_recipes_momentum_nesterov_and_weight_decay(momentum, nesterov):
+    """Nesterov as the recipe asks, where there is momentum (torch refuses it without)."""
+    recipe = cli.Recipe(model="cnn_base", lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=3e-4)
+    optimizer = make_optimization(torch.nn.Linear(2, 2), recipe, 10, torch.device("cpu"), None).optimizer
+    group = optimizer.param_groups[0]
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (momentum, nesterov and momentum > 0,
+                                                                             3e-4)
+
+
 def test_no_warmup_starts_at_the_peak_and_warmup_longer_than_the_run_never_decays():
     assert learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=0), 5)[0] == 0.1
     rates = learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=5), 5)

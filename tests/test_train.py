@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import run_files
+import runs
 import train
 from conftest import REPO_ROOT, message_lines, without_time, write_pickle
 
@@ -210,6 +211,14 @@ def test_a_results_dir_that_cannot_be_written_is_refused(cifar10_dir, tmp_path, 
     assert blocker.read_text() == "a file where the results folder should be"
 
 
+def test_a_results_dir_without_write_permission_is_refused(cifar10_dir, tmp_path, capsys, monkeypatch):
+    # The tests run as root, who may write anywhere: the permission check is made to say no.
+    monkeypatch.setattr(runs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path / "results")) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{tmp_path} is not writable", "--results-dir")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda_is_refused(cifar10_dir, tmp_path, capsys):
     assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, "--device", "cuda")) == 2
@@ -245,8 +254,14 @@ def test_resume_refuses_a_changed_recipe_and_foreign_or_corrupt_checkpoints(fini
     (corrupt / "last.pt").write_bytes((run_dir / "last.pt").read_bytes()[:1000])
     assert train.main("cifar10", ["--resume", "--results-dir", str(tmp_path),
                                   "--data-dir", str(cifar10_dir)]) == 2
-    assert_one_line_error(capsys.readouterr().err, "last.pt")
+    assert_one_line_error(capsys.readouterr().err, "last.pt", "is not a readable checkpoint", "--overwrite")
     assert len((corrupt / "last.pt").read_bytes()) == 1000
+
+    torch.save({"epoch": 2}, corrupt / "last.pt")  # a checkpoint, but not one this project wrote
+    assert train.main("cifar10", ["--resume", "--results-dir", str(tmp_path),
+                                  "--data-dir", str(cifar10_dir)]) == 2
+    assert_one_line_error(capsys.readouterr().err, f"{corrupt / 'last.pt'} is not a last.pt of this project",
+                          "--overwrite")
 
 
 def test_a_diverging_loss_stops_with_exit_1(cifar10_dir, tmp_path, capsys):
