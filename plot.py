@@ -6,7 +6,8 @@
 
 Also writes the HTML pages of a dataset folder and of the results root (report.py). Run folders
 are read through runs.py, the module that writes them. train.py calls plot_curves()
-after every epoch.
+after every epoch, so importing this module must stay cheap: no torch here (the model registry is
+imported lazily, only to order summary rows and colour families).
 Figures are drawn on matplotlib.figure.Figure objects with the Agg canvas and never through
 pyplot, so nothing needs a display and no figure outlives the call that drew it.
 """
@@ -16,9 +17,13 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize, PowerNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 import report
 import runs
@@ -48,9 +53,6 @@ from summary import (
     summary_markdown,
 )
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
-
 # The colour map of each model family (every family of the registry has one; a test checks it), and of
 # models the registry does not know.
 FAMILY_COLORMAPS = {
@@ -73,11 +75,7 @@ class PlotError(UsageError):
     """A problem with the user's files or arguments; str() is one line naming the path (exit 2)."""
 
 
-# matplotlib is imported by the functions that draw, not with this module: it costs a second of start-up,
-# which every process importing train.py (a refused flag, a sweep's own process, --status) paid for nothing.
-
 def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(figure)
     runs.write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
@@ -88,8 +86,6 @@ def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
 
 def plot_curves(run_dir: str | Path) -> Path:
     """Draw <run_dir>/curves.png (loss and accuracy per epoch) from metrics.csv; return its path."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / METRICS_FILE)
     config = runs.read_json(run_dir / CONFIG_FILE) or {}
@@ -134,8 +130,6 @@ def plot_curves(run_dir: str | Path) -> Path:
 
 def plot_confusion_matrix(matrix, class_names: list[str], path: str | Path, title: str) -> None:
     """Draw a confusion matrix (rows = true class, counts) normalized per row, as a PNG at path."""
-    from matplotlib.colors import Normalize, PowerNorm
-    from matplotlib.figure import Figure
     counts = np.asarray(matrix, dtype=float)
     if counts.shape != (len(class_names), len(class_names)):
         raise ValueError(f"confusion matrix of shape {counts.shape} does not match "
@@ -182,7 +176,6 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: str | Path, titl
 def model_colors(models: list[str]) -> dict[str, tuple]:
     """One colour per model: the family's colour map (from the registry), the depth rank the shade;
     models the registry does not know share one colour map."""
-    from matplotlib import colormaps
     family = {model: MODELS[model].family if model in MODELS else None for model in models}
     colors = {}
     for name in dict.fromkeys(family.values()):
@@ -196,7 +189,6 @@ def model_colors(models: list[str]) -> dict[str, tuple]:
 
 
 def _draw_validation_curves(axes, rows: list[dict], colors: dict[str, tuple]) -> None:
-    from matplotlib.ticker import MaxNLocator
     labelled_models = set()
     for row in rows:
         for run in row["members"]:
@@ -258,7 +250,6 @@ def _draw_best_accuracy_bars(axes, rows: list[dict], colors: dict[str, tuple]) -
 
 def plot_comparison(dataset_name: str, rows: list[dict], path: Path) -> None:
     """Best validation accuracy per summary row, and validation accuracy per epoch of every run."""
-    from matplotlib.figure import Figure
     models = list(dict.fromkeys(row["model"] for row in rows))
     colors = model_colors(models)
     figure = Figure(figsize=(15, max(5.0, 0.34 * len(rows) + 2)), layout="constrained")
