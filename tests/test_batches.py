@@ -121,6 +121,8 @@ def test_crops_move_content_at_most_4_pixels_and_flips_mirror_it():
                 cases.add(int(distances.argmin()))
     assert len(cases) > 20  # offsets vary
     assert min(cases) < 81 <= max(cases)  # both mirrored and not
+    # every offset from -4 to +4, down and across (cases are 81 * mirrored + 9 * y + x)
+    assert {case % 81 // 9 for case in cases} == set(range(9)) and {case % 9 for case in cases} == set(range(9))
 
 
 def test_cutout_zeroes_one_square_of_up_to_16_pixels_to_the_mean():
@@ -153,6 +155,17 @@ def test_normalized_batches_have_zero_mean_and_unit_std_per_channel():
         inputs = torch.cat([inputs for inputs, _ in batches]).transpose(0, 1).reshape(3, -1).double()
         assert inputs.mean(1).tolist() == pytest.approx([0, 0, 0], abs=1e-5)
         assert inputs.std(1, unbiased=False).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
+
+
+def test_normalization_is_worked_out_in_float64_and_rounded_once():
+    """A 0 pixel normalizes to -mean / std exactly as float32 rounds it: worked out from a float32 mean, the
+    shift can be a float32 step off (here 0.005 / 0.1), moving every pixel of every batch."""
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    options = BatchOptions((0.005, 0.005, 0.005), (0.1, 0.1, 0.1))
+    for batches in (EvalBatches(images, torch.zeros(2, dtype=torch.int64), 2, options),
+                    TrainBatches(images, torch.zeros(2, dtype=torch.int64), 2, options, aug="none")):
+        inputs, _ = next(iter(batches))
+        assert torch.equal(inputs, torch.full_like(inputs, -0.005 / 0.1))
 
 
 @pytest.mark.parametrize("aug", ["none", "flip-crop", "flip-crop-cutout"])

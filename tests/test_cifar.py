@@ -173,12 +173,18 @@ def test_cifar100_folder_loads_fine_and_coarse_labels(tmp_path, write):
     assert data.coarse_classes[19] == "coarse19" and len(data.coarse_classes) == 20
 
 
-def test_archive_with_right_md5_is_extracted_and_read(tmp_path):
+def test_archive_with_right_md5_is_extracted_and_read(tmp_path, monkeypatch):
     written = write_cifar10(tmp_path / "source")
     data_dir = tmp_path / "data"
     archive = data_dir / "cifar-10-python.tar.gz"
     md5 = archive_of(tmp_path / "source" / "cifar-10-batches-py", archive)
+    # extracted into a hidden folder of its own inside data_dir (a kill mid-way leaves no visible tmp folder)
+    utils, folders = cifar._archive_utils(), []
+    extract_archive = utils.extract_archive
+    monkeypatch.setattr(utils, "extract_archive", lambda source, to, *args, **kwargs: (
+        folders.append(Path(to)), extract_archive(source, to, *args, **kwargs))[1])
     data = load_cifar(dataclasses.replace(TINY_CIFAR10, md5=md5), data_dir, download=False)
+    assert len(folders) == 1 and folders[0].parent == data_dir and folders[0].name.startswith(".extract-")
     assert torch.equal(data.train_images, as_images(written["train_rows"]))
     assert sorted(path.name for path in data_dir.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
 
@@ -206,6 +212,10 @@ def test_an_archive_with_the_right_md5_that_cannot_give_the_folder_is_refused(tm
     for word in words:
         assert word in message, message
     assert list(data_dir.iterdir()) == [archive]  # no folder, no temporary folder
+    if damage == "cut":  # with the reason the archive itself gives when extracted directly
+        with pytest.raises(Exception) as raw:
+            cifar._archive_utils().extract_archive(str(archive), str(tmp_path / "scratch"))
+        assert f"could not extract {archive} ({' '.join(str(raw.value).split())}); " in message, message
 
 
 def test_archive_with_wrong_md5_is_refused_and_kept(tmp_path):
@@ -316,6 +326,17 @@ def test_a_failed_download_says_why_in_one_line_and_leaves_nothing(tmp_path, ser
     assert socket.getdefaulttimeout() is None
 
 
+def test_a_download_puts_back_the_processs_own_socket_timeout(tmp_path, server):
+    server.status = 404
+    socket.setdefaulttimeout(30.0)
+    try:
+        with pytest.raises(DataError):
+            load_cifar(dataclasses.replace(TINY_CIFAR10, url=server.url), tmp_path / "data", download=True)
+        assert socket.getdefaulttimeout() == 30.0
+    finally:
+        socket.setdefaulttimeout(None)
+
+
 def test_a_stalled_download_ends_in_an_error_after_the_timeout_instead_of_hanging(tmp_path, server, monkeypatch):
     monkeypatch.setattr(cifar, "DOWNLOAD_TIMEOUT_SECONDS", 0.5)
     server.stall.set()
@@ -411,6 +432,17 @@ def test_files_pickled_under_numpy_2s_module_names_load_with_numpy_1_too(tmp_pat
         warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 still answers to numpy.core, with a warning
         data = load_cifar(TINY_CIFAR10, tmp_path, download=False)
     assert torch.equal(data.train_images, as_images(written["train_rows"]))
+
+
+def test_a_fortran_ordered_array_pickled_at_protocol_5_loads_as_saved(tmp_path):
+    """numpy pickles such an array (at protocol 5) with its order, 'F': read in C order, its pixels would be
+    scrambled without an error."""
+    write_cifar10(tmp_path)
+    rows = random_rows(4, 9)
+    (tmp_path / "cifar-10-batches-py" / "data_batch_2").write_bytes(
+        python3_pickle({"data": np.asfortranarray(rows), "labels": [0, 1, 2, 3]}))
+    data = load_cifar(TINY_CIFAR10, tmp_path, download=False)
+    assert torch.equal(data.train_images[4:8], as_images(rows))
 
 
 @pytest.mark.parametrize("name", list(CRAFTED))

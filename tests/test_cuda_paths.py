@@ -55,6 +55,12 @@ def test_an_older_last_pt_with_every_gpus_state_resumes_on_fewer_gpus(monkeypatc
     runs.set_rng_state(older, torch.device("cuda", 0))
     assert cuda.restored == [(0, 0)]
     runs.set_rng_state(older, torch.device("cpu"))  # a CPU run of it restores no GPU state
+    # saved on 2 GPUs, resumed under torchrun on 4: rank 1 takes GPU 1's state; GPUs 2 and 3 have none to take
+    older["cuda"] = older["cuda"][:2]
+    four = FakeCuda(monkeypatch, count=4)
+    for index in (1, 2, 3):
+        runs.set_rng_state(older, torch.device("cuda", index))
+    assert four.restored == [(1, 1)]
     assert cuda.restored == [(0, 0)]
 
 

@@ -283,6 +283,27 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
     runs.refuse_if_in_use(tmp_path)
 
 
+def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / run_files.SUMMARY_FILE
+    blocker.mkdir()  # unlink(2) of a folder fails (EISDIR on Linux), also for root
+    with pytest.raises(runs.WriteFailed) as failed:
+        runs.remove_file(blocker)
+    assert str(failed.value) == f"cannot write {blocker} ({os.strerror(errno.EISDIR)})"
+    runs.remove_file(tmp_path / "absent.json")  # nothing there: nothing to do
+
+
+def test_a_folder_changed_between_the_checks_and_the_lock_is_refused(tmp_path):
+    """What a second process saves between a run's checks of its folder and its taking the lock is seen."""
+    (tmp_path / run_files.METRICS_FILE).write_text("epoch\n1\n")
+    checked = runs.folder_state(tmp_path)
+    runs.check_unchanged(tmp_path, checked)  # nothing changed: the run goes on
+    (tmp_path / run_files.METRICS_FILE).write_text("epoch\n1\n2\n")  # another process saved an epoch
+    with pytest.raises(UsageError) as refused:
+        runs.check_unchanged(tmp_path, checked)
+    assert str(refused.value) == (f"{tmp_path} changed while this run was starting (another process wrote to "
+                                  "it); run the command again")
+
+
 def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, cifar10_dir, monkeypatch,
                                                          capsys):
     name = run_files.EVAL_FILE

@@ -95,6 +95,27 @@ def test_restore_puts_back_every_piece_of_last_pt(saved_state, tmp_path):
     assert set(progress.history[0]) == set(run_files.METRIC_COLUMNS)  # older rows completed with defaults
 
 
+def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_fits():
+    """cpu_copy: tensors copied (later steps cannot change the copy), into the earlier copy's tensors where shape
+    and dtype match, nested in dicts and lists alike; everything else as it is."""
+    live = {"weight": torch.ones(3), "state": {0: {"momentum_buffer": torch.zeros(2)}}, "pair": [torch.ones(1)],
+            "param_groups": [{"lr": 0.1, "params": [0]}]}
+    first = runs.cpu_copy(live)
+    live["weight"].add_(1)
+    second = runs.cpu_copy(live, first)
+    assert second["weight"] is first["weight"] and second["weight"] is not live["weight"]
+    assert torch.equal(second["weight"], torch.full((3,), 2.0))
+    assert second["state"][0]["momentum_buffer"] is first["state"][0]["momentum_buffer"]
+    assert second["pair"][0] is first["pair"][0] and second["param_groups"] == live["param_groups"]
+    live["weight"].add_(1)
+    assert torch.equal(second["weight"], torch.full((3,), 2.0))  # a copy, not the live tensor
+    other_shape = runs.cpu_copy(torch.ones(4), first["weight"])
+    other_dtype = runs.cpu_copy(torch.ones(3, dtype=torch.float64), first["weight"])
+    assert other_shape is not first["weight"] and other_shape.shape == (4,)
+    assert other_dtype is not first["weight"] and other_dtype.dtype == torch.float64
+    assert torch.equal(first["weight"], torch.full((3,), 2.0))  # left alone by copies that do not fit
+
+
 def test_a_resumed_run_keeps_the_best_epoch_of_last_pt(cifar10_dir, tmp_path):
     """A later epoch replaces best.pt only when it beats the best so far as last.pt saved it: here a best
     no epoch can beat, so best.pt and summary.json keep epoch 1 whatever epochs 2 and 3 reach."""

@@ -154,6 +154,19 @@ def test_resume_after_sigkill_gives_the_same_metrics(cifar10_dir, tmp_path, caps
         read_metrics(tmp_path / "reference" / "cifar10" / "cnn_base"))
 
 
+def test_the_log_prints_each_line_at_once_and_rewrites_log_txt(tmp_path, monkeypatch):
+    """Printed with a flush (a sweep's or SLURM's log file gets each epoch's line as it comes, not at exit), and
+    log.txt holds every line so far; a rank other than 0 says nothing."""
+    flushed = []
+    monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append(True))
+    say = runs.make_logger(True, tmp_path, [])
+    say("a")
+    say("b")
+    assert len(flushed) == 2 and (tmp_path / run_files.LOG_FILE).read_text() == "a\nb\n"
+    runs.make_logger(False, tmp_path, [])("c")
+    assert len(flushed) == 2 and (tmp_path / run_files.LOG_FILE).read_text() == "a\nb\n"
+
+
 def test_resume_of_a_finished_run_says_so(finished_run, tmp_path):
     run_dir, _ = finished_run
     before = snapshot(run_dir)
