@@ -3,6 +3,7 @@ schedule's position, the loss scaler, the random generators, the best epoch so f
 learning-rate schedule's values step by step."""
 import json
 import math
+import os
 import random
 from types import SimpleNamespace
 
@@ -114,6 +115,56 @@ def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_
     assert other_shape is not first["weight"] and other_shape.shape == (4,)
     assert other_dtype is not first["weight"] and other_dtype.dtype == torch.float64
     assert torch.equal(first["weight"], torch.full((3,), 2.0))  # left alone by copies that do not fit
+
+
+# -- what check_run_folder lets start ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [run_files.LAST_CHECKPOINT, run_files.METRICS_FILE])
+def test_either_file_of_a_run_alone_makes_the_folder_a_run(tmp_path, name):
+    """A kill between epoch 1's last.pt and its metrics.csv leaves last.pt alone: the same command without
+    --resume must not start over on it."""
+    (tmp_path / name).write_bytes(b"")
+    with pytest.raises(runs.UsageError) as refused:
+        runs.check_run_folder(tmp_path, resume=False, overwrite=False)
+    assert str(refused.value) == (f"{tmp_path} already holds a run: pass --resume to continue it or --overwrite "
+                                  "to start over (or another --tag)")
+    assert runs.check_run_folder(tmp_path, resume=False, overwrite=True) is None
+
+
+def test_a_results_folder_that_is_not_writable_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Refused when writing is what is denied (a root user passes the real check, so os.access is faked here)."""
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: not (os.fspath(path) == os.fspath(tmp_path)
+                                                             and mode & os.W_OK) and real_access(path, mode))
+    with pytest.raises(runs.UsageError) as refused:
+        runs.check_run_folder(tmp_path / "cifar10" / "cnn_base", resume=False, overwrite=False)
+    assert str(refused.value) == (f"cannot write {tmp_path / 'cifar10' / 'cnn_base'}: {tmp_path} is not writable; "
+                                  "pick another --results-dir")
+
+
+def test_a_last_pt_that_loads_but_is_no_checkpoint_is_refused_in_one_line(tmp_path):
+    torch.save([1, 2, 3], tmp_path / run_files.LAST_CHECKPOINT)
+    with pytest.raises(runs.UsageError) as refused:
+        runs.check_run_folder(tmp_path, resume=True, overwrite=False)
+    assert str(refused.value) == (f"{tmp_path / run_files.LAST_CHECKPOINT} is not a last.pt of this project; start "
+                                  "over with --overwrite")
+
+
+def test_a_checkpoint_saved_from_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch):
+    """last.pt of older versions held the model's tensors as they were on the GPU: read onto the CPU."""
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save({"weight": torch.arange(3.0)}, tmp_path / "last.pt")
+    loaded = runs.load_checkpoint(tmp_path / "last.pt")
+    assert loaded["weight"].device == CPU and torch.equal(loaded["weight"], torch.arange(3.0))
+
+
+def test_a_step_runs_the_forward_pass_under_the_runs_autocast():
+    net, dtypes = torch.nn.Linear(4, 3), []
+    net.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
+    training = make_optimization(net, cli.Recipe(lr=0.05), 10, CPU, torch.bfloat16)
+    training.step(net, torch.randn(2, 4), torch.tensor([0, 1]))
+    assert dtypes == [torch.bfloat16]
 
 
 def test_a_resumed_run_keeps_the_best_epoch_of_last_pt(cifar10_dir, tmp_path):
