@@ -108,6 +108,34 @@ def candidates(image: torch.Tensor) -> torch.Tensor:
     return torch.stack(crops + [crop.flip(-1) for crop in crops]).float()
 
 
+@pytest.mark.parametrize("shape, labels, batch_size, rank, world_size, message", [
+    ((4, 1, 8, 8), 4, 2, 0, 1, "images must be a uint8 N x 3 x H x W tensor, got torch.uint8 (4, 1, 8, 8)"),
+    ((4, 3, 8, 8), 3, 2, 0, 1, "labels must be one per image, got (3,) for 4 images"),
+    ((4, 3, 8, 8), 4, 2, 2, 2, "rank 2 is outside 0..1"),
+    ((4, 3, 8, 8), 4, 1, 0, 2, "batch size 1 and 4 images cannot be shared by 2 processes without some getting none; "
+                               "use at least 2 of each"),
+    ((1, 3, 8, 8), 1, 2, 0, 2, "batch size 2 and 1 images cannot be shared by 2 processes without some getting none; "
+                               "use at least 2 of each"),
+])
+def test_batch_arguments_that_cannot_work_are_refused_saying_why(shape, labels, batch_size, rank, world_size,
+                                                                  message):
+    options = BatchOptions(*RAW, rank=rank, world_size=world_size)
+    for make in (TrainBatches, EvalBatches):
+        with pytest.raises(ValueError) as refused:
+            make(torch.zeros(shape, dtype=torch.uint8), torch.zeros(labels, dtype=torch.int64), batch_size, options)
+        assert str(refused.value) == message
+
+
+def test_the_smallest_batches_that_can_work_are_made():
+    """One image each for two processes, one image on one, and no images at all (no batches)."""
+    images, labels = numbered_images(2)
+    for rank in (0, 1):
+        batches = TrainBatches(images, labels, 2, BatchOptions(*RAW, rank=rank, world_size=2), aug="none")
+        assert [ids.tolist() for _, ids in batches] in ([[0]], [[1]])
+    assert [ids.tolist() for _, ids in EvalBatches(images[:1], labels[:1], 1, BatchOptions(*RAW))] == [[0]]
+    assert list(EvalBatches(images[:0], labels[:0], 4, BatchOptions(*RAW))) == []
+
+
 def test_crops_move_content_at_most_4_pixels_and_flips_mirror_it():
     images, labels = numbered_images(24)
     batches = TrainBatches(images, labels, 8, BatchOptions(*RAW), aug="flip-crop", seed=0)

@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ import run_files
 import runs
 import train
 from conftest import REPO_ROOT, STARTED, without_time
-from errors import IN_USE_EXIT, TERMINATED_EXIT, UsageError
+from errors import IN_USE_EXIT, TERMINATED_EXIT, FolderInUse, UsageError
 
 NO_SPACE = "No space left on device"
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
@@ -281,6 +282,49 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
         runs.refuse_if_in_use(tmp_path)
     lock.close()
     runs.refuse_if_in_use(tmp_path)
+
+
+def test_a_lock_names_its_holder_alone_and_both_ways_of_meeting_it_refuse_with_that_line(tmp_path):
+    """Each new holder rewrites the holder's line (a refused process names the live holder, not an earlier one);
+    checking for the lock and taking it both refuse with the whole line and the exit code they were given."""
+    runs.lock_run_folder(tmp_path).close()
+    lock = runs.lock_run_folder(tmp_path)  # the folder locked again, by a resume, say
+    holder = f"process {os.getpid()} on {socket.gethostname()}"
+    assert (tmp_path / run_files.LOCK_FILE).read_text() == holder + "\n"
+    for attempt in (runs.refuse_if_in_use, runs.lock_run_folder):
+        with pytest.raises(FolderInUse) as refused:
+            attempt(tmp_path, IN_USE_EXIT)
+        assert str(refused.value) == (f"{tmp_path} is in use by {holder}; wait for it to finish, or pass another "
+                                      "--tag or --results-dir")
+        assert refused.value.exit_code == IN_USE_EXIT
+    lock.close()
+
+
+def test_a_run_folder_that_cannot_be_made_or_locked_says_why(tmp_path, monkeypatch, capsys):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UsageError) as refused:
+        runs.lock_run_folder(tmp_path / "a-file" / "run")
+    assert str(refused.value) == (f"cannot create {tmp_path / 'a-file' / 'run'} ({os.strerror(errno.ENOTDIR)}); "
+                                  "pick another --results-dir")
+
+    def no_locks(handle, operation):  # a file system without locks, as some network ones are
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    capsys.readouterr()
+    runs.lock_run_folder(tmp_path / "run").close()  # runs all the same, and says so
+    assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run' / run_files.LOCK_FILE} "
+                                       f"({os.strerror(errno.ENOLCK)}); make sure no other process uses "
+                                       f"{tmp_path / 'run'}\n")
+
+
+def test_the_holder_named_by_a_refusal_is_read_from_any_lock_file_without_failing(tmp_path):
+    """The line a refused run prints names the lock's holder as it wrote itself; a lock file gone by the time it
+    is read, or holding bytes that are not UTF-8 (written by something else), still gives that line."""
+    lock = tmp_path / run_files.LOCK_FILE
+    assert runs._holder(lock) == "another process"  # gone
+    lock.write_bytes(b"process 12 on \xffhost\nmore")
+    assert runs._holder(lock) == "process 12 on \ufffdhost"
 
 
 def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):

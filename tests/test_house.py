@@ -162,6 +162,7 @@ def test_lr_factor_warms_up_linearly_per_step_then_follows_the_cosine_to_zero():
     assert factors[total] == pytest.approx(0.0, abs=1e-12)  # zero at the last step
     assert lr_factor(total + 5, warmup, total) == pytest.approx(0.0, abs=1e-12)  # and after it
     assert all(a >= b for a, b in zip(factors[warmup:], factors[warmup + 1:]))
+    assert [lr_factor(step, 1, 2) for step in range(3)] == [1.0, 1.0, 0.0]  # one step of cosine: to zero at once
 
 
 def test_lr_factor_without_warmup_starts_at_the_peak():

@@ -40,6 +40,18 @@ def old_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
+
+def test_a_broken_or_foreign_json_file_is_ignored_with_a_warning_naming_it(tmp_path, capsys):
+    broken, listed = tmp_path / "broken.json", tmp_path / "listed.json"
+    broken.write_text("{")
+    listed.write_text("[1]")
+    assert runs.read_json(broken) is None and runs.read_json(listed) is None
+    assert runs.read_json(tmp_path / "absent.json") is None  # absent: nothing to say
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"warning: ignoring {broken}: not valid JSON (")
+    assert lines[1] == f"warning: ignoring {listed}: expected a JSON object"
+
+
 def test_the_fixture_is_what_the_old_commit_wrote():
     run_dir = FIXTURE / OLD_RUN
     assert sum(path.stat().st_size for path in FIXTURE.rglob("*") if path.is_file()) < 1_000_000
