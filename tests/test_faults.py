@@ -334,6 +334,8 @@ def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
         runs.remove_file(blocker)
     assert str(failed.value) == f"cannot write {blocker} ({os.strerror(errno.EISDIR)})"
     runs.remove_file(tmp_path / "absent.json")  # nothing there: nothing to do
+    # an OSError without a message (as some libraries raise) is named by its class
+    assert str(runs.WriteFailed(blocker, BlockingIOError())) == f"cannot write {blocker} (BlockingIOError)"
 
 
 def test_a_folder_changed_between_the_checks_and_the_lock_is_refused(tmp_path):
