@@ -325,6 +325,8 @@ def test_the_holder_named_by_a_refusal_is_read_from_any_lock_file_without_failin
     assert runs._holder(lock) == "another process"  # gone
     lock.write_bytes(b"process 12 on \xffhost\nmore")
     assert runs._holder(lock) == "process 12 on \ufffdhost"
+    lock.write_bytes(b"x" * 1000)  # no end of line: its first 200 bytes, not a line as long as the file
+    assert runs._holder(lock) == "x" * 200
 
 
 def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
