@@ -82,7 +82,8 @@ def numbered_images(count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.arange(count)
 
 
-@pytest.mark.parametrize("count, batch_size, world_size", [(103, 10, 1), (103, 10, 2), (101, 10, 2), (7, 4, 3)])
+@pytest.mark.parametrize("count, batch_size, world_size", [(103, 10, 1), (103, 10, 2), (101, 10, 2), (7, 4, 3),
+                                                       (5, 4, 2)])
 def test_a_training_epoch_covers_every_image_once_over_all_ranks(count, batch_size, world_size):
     images, labels = numbered_images(count)
     seen, steps = [], set()
@@ -185,15 +186,16 @@ def test_normalized_batches_have_zero_mean_and_unit_std_per_channel():
         assert inputs.std(1, unbiased=False).tolist() == pytest.approx([1, 1, 1], abs=1e-5)
 
 
-def test_normalization_is_worked_out_in_float64_and_rounded_once():
-    """A 0 pixel normalizes to -mean / std exactly as float32 rounds it: worked out from a float32 mean, the
-    shift can be a float32 step off (here 0.005 / 0.1), moving every pixel of every batch."""
+@pytest.mark.parametrize("mean, std", [(0.005, 0.1), (0.005, 0.3)])
+def test_normalization_is_worked_out_in_float64_and_rounded_once(mean, std):
+    """A 0 pixel normalizes to -mean / std exactly as float32 rounds it: worked out from a float32 mean or std,
+    the shift can be a float32 step off (as for these two), moving every pixel of every batch."""
     images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
-    options = BatchOptions((0.005, 0.005, 0.005), (0.1, 0.1, 0.1))
+    options = BatchOptions((mean,) * 3, (std,) * 3)
     for batches in (EvalBatches(images, torch.zeros(2, dtype=torch.int64), 2, options),
                     TrainBatches(images, torch.zeros(2, dtype=torch.int64), 2, options, aug="none")):
         inputs, _ = next(iter(batches))
-        assert torch.equal(inputs, torch.full_like(inputs, -0.005 / 0.1))
+        assert torch.equal(inputs, torch.full_like(inputs, -mean / std))
 
 
 @pytest.mark.parametrize("aug, digest", [("flip-crop", "cc042dac23fb7b69"), ("flip-crop-cutout", "14b9455cb533b79b")])
