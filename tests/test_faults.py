@@ -336,13 +336,17 @@ def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
         runs.remove_file(blocker)
     assert str(failed.value) == f"cannot write {blocker} ({os.strerror(errno.EISDIR)})"
     runs.remove_file(tmp_path / "absent.json")  # nothing there: nothing to do
-    # a run file that cannot be written where its folder should be: the one line, no temporary file left behind
+
+
+def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    """Under a file where its folder should be; and an OSError without a message (as some libraries raise) is
+    named by its class."""
     (tmp_path / "a-file").write_text("")
     with pytest.raises(runs.WriteFailed) as failed:
         runs.write_text(tmp_path / "a-file" / "summary.json", "{}")
     assert str(failed.value) == f"cannot write {tmp_path / 'a-file' / 'summary.json'} ({os.strerror(errno.ENOTDIR)})"
-    # an OSError without a message (as some libraries raise) is named by its class
-    assert str(runs.WriteFailed(blocker, BlockingIOError())) == f"cannot write {blocker} (BlockingIOError)"
+    assert str(runs.WriteFailed(tmp_path / "summary.json", BlockingIOError())) == (
+        f"cannot write {tmp_path / 'summary.json'} (BlockingIOError)")
 
 
 def test_a_folder_changed_between_the_checks_and_the_lock_is_refused(tmp_path):

@@ -40,7 +40,6 @@ def old_rows(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-
 def test_a_broken_or_foreign_json_file_is_ignored_with_a_warning_naming_it(tmp_path, capsys):
     broken, listed = tmp_path / "broken.json", tmp_path / "listed.json"
     broken.write_text("{")
@@ -50,8 +49,11 @@ def test_a_broken_or_foreign_json_file_is_ignored_with_a_warning_naming_it(tmp_p
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"warning: ignoring {broken}: not valid JSON (")
     assert lines[1] == f"warning: ignoring {listed}: expected a JSON object"
-    runs.write_json(listed, {"index": 1, "exit": 0})  # written as every run file: a key a line, then a newline
-    assert listed.read_text() == '{\n  "index": 1,\n  "exit": 0\n}\n'
+
+
+def test_json_is_written_as_every_run_file_a_key_a_line(tmp_path):
+    runs.write_json(tmp_path / "record.json", {"index": 1, "exit": 0})
+    assert (tmp_path / "record.json").read_text() == '{\n  "index": 1,\n  "exit": 0\n}\n'
 
 
 def test_the_fixture_is_what_the_old_commit_wrote():
