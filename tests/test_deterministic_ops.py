@@ -1,7 +1,10 @@
-"""--deterministic on CUDA: no model's training step or evaluation (with the confusion matrix of --eval-only and
-the mirror of --tta) runs an operator that PyTorch documents as raising under
-torch.use_deterministic_algorithms(True) on CUDA. Checked on the CPU, by recording every ATen operator dispatched,
-so it needs no GPU; deterministic_ops.txt lists those operators and the documentation each comes from."""
+"""Every model's training step and evaluation, as a run takes them: scores for 100 classes, finite gradients that
+reach every parameter, and, for --deterministic on CUDA, no operator that PyTorch documents as raising under
+torch.use_deterministic_algorithms(True) on CUDA (with the confusion matrix of --eval-only and the mirror of --tta).
+The operators are checked on the CPU, by recording every ATen operator dispatched, so it needs no GPU;
+deterministic_ops.txt lists those operators and the documentation each comes from. (One step checks both: the
+gradients were a test of their own in test_models.py, which took the zoo's training steps a second time.)"""
+import re
 from pathlib import Path
 from typing import NamedTuple
 
@@ -14,6 +17,7 @@ from batches import BatchOptions, EvalBatches, TrainBatches
 from cli import Recipe, with_default_lr
 from evaluation import evaluate
 from model import MODELS, build_model
+from model.nonlocal_block import NonLocalBlock
 from optimization import make_optimization
 
 RAISING_OPS_FILE = Path(__file__).with_name("deterministic_ops.txt")
@@ -90,22 +94,44 @@ def test_the_recorder_flags_a_documented_operator_and_keeps_to_its_condition():
     assert list(recorder.raising) == ["aten.bincount.default"]
 
 
+# Gradient-free in exact arithmetic (float noise aside), so only required to be finite: a conv bias that
+# the BN right after it cancels (VGG's convs, Coordinate Attention's encoder, the non-local W), phi's bias
+# in a non-local block (it shifts every logit of a softmax row alike) and g's (it shifts every output
+# position alike, which W's BN cancels).
+GRADIENT_FREE = re.compile(r"features\.\d+\.bias|.*\.(encode|w|phi|g)\.bias")
+
+
 @pytest.mark.parametrize("name", list(MODELS))
-def test_training_and_evaluation_run_no_operator_that_raises_under_deterministic_cuda(name):
+def test_a_training_step_and_evaluation_of_every_model_reach_every_parameter_and_raise_on_no_deterministic_op(name):
     torch.manual_seed(0)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.tensor([3, 7])
+    net = build_model(name, 100)  # built outside the record: initialization is neither training nor evaluation
+    # A non-local block's output BN starts at zero, which stops the gradient to its theta, phi, g and W in the
+    # first step; a second step, after SGD has moved that BN, must reach them too.
+    steps = 2 if any(isinstance(module, NonLocalBlock) for module in net.modules()) else 1
+    images = torch.randint(0, 256, (2 * steps, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([3, 97] * steps)
     options = BatchOptions(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
-    net = build_model(name, 10)  # built outside the record: initialization is neither training nor evaluation
+    outputs = []
     with OpRecorder() as recorder:
         train_batches = TrainBatches(images, labels, 2, options, aug="flip-crop-cutout")
         training = make_optimization(net, with_default_lr(Recipe(model=name)), len(train_batches),
                                      torch.device("cpu"), None)
         for inputs, batch_labels in train_batches:
-            training.step(net, inputs, batch_labels)
-        evaluate(net, EvalBatches(images, labels, 2, options), None, tta=True, num_classes=10)
+            outputs.append(training.step(net, inputs, batch_labels))
+        # One image is enough for every operator of evaluation: the mirror of --tta and the confusion matrix.
+        evaluate(net, EvalBatches(images[:1], labels[:1], 1, options), None, tta=True, num_classes=100)
     # A record without the backward pass or bincount (the confusion matrix's among them) would prove nothing.
     assert {"aten.convolution_backward", "aten.bincount"} <= recorder.seen
     assert not recorder.raising, (
         f"{name} runs operators that raise under torch.use_deterministic_algorithms(True) on CUDA:\n"
         + "\n".join(f"  {op}: {documentation}" for op, documentation in recorder.raising.items()))
+
+    assert len(outputs) == steps
+    for loss, scores in outputs:
+        assert scores.shape == (2, 100) and torch.isfinite(scores).all() and torch.isfinite(loss)
+    # The last step's gradients: a parameter without one would be a layer left out of forward (e.g. an SE gate
+    # not wired in).
+    broken = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert broken == []
+    unreached = [n for n, p in net.named_parameters() if not GRADIENT_FREE.fullmatch(n) and not p.grad.any()]
+    assert unreached == []

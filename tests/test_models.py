@@ -137,55 +137,8 @@ def test_every_model_computes_the_scores_it_was_pinned_with(name):
     torch.testing.assert_close(scores, torch.tensor(PINNED[name]), rtol=1e-3, atol=1e-4)
 
 
-# The newer models' forward pass at 100 classes is checked by their training step.
-@pytest.mark.parametrize("name", COURSE_MODELS)
-def test_every_course_model_maps_a_batch_to_100_class_scores(name):
-    torch.manual_seed(0)
-    net = build_model(name, 100).eval()
-    with torch.no_grad():
-        scores = net(torch.randn(2, 3, 32, 32))
-    assert scores.shape == (2, 100) and torch.isfinite(scores).all()
-
-
-@pytest.mark.parametrize("name", ["cnn_base", "cnn_resnet18", "cnn_densenet121", "cnn_se_resnet50"])
-def test_one_training_step_gives_finite_scores_and_gradients_everywhere(name):
-    torch.manual_seed(0)
-    net = build_model(name, 100)
-    scores = net(torch.randn(2, 3, 32, 32))
-    assert scores.shape == (2, 100) and torch.isfinite(scores).all()
-    nn.functional.cross_entropy(scores, torch.tensor([1, 97])).backward()
-    # A parameter without a gradient would be a layer left out of forward (e.g. an SE gate not wired in).
-    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-    assert missing == []
-
-
-# Gradient-free in exact arithmetic (float noise aside), so only required to be finite: a conv bias that
-# the BN right after it cancels (VGG's convs, Coordinate Attention's encoder, the non-local W), phi's bias
-# in a non-local block (it shifts every logit of a softmax row alike) and g's (it shifts every output
-# position alike, which W's BN cancels).
-GRADIENT_FREE = re.compile(r"features\.\d+\.bias|.*\.(encode|w|phi|g)\.bias")
-
-
-@pytest.mark.parametrize("name", NEW_MODELS)
-def test_training_steps_give_finite_gradients_that_reach_every_parameter(name):
-    torch.manual_seed(0)
-    net = build_model(name, 100)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    # A non-local block's output BN starts at zero, which stops the gradient to its theta, phi, g and W
-    # in the first step; a second step, after SGD has moved that BN, must reach them too.
-    steps = 2 if any(isinstance(m, NonLocalBlock) for m in net.modules()) else 1
-    for _ in range(steps):
-        optimizer.zero_grad()
-        scores = net(torch.randn(2, 3, 32, 32))
-        assert scores.shape == (2, 100)
-        loss = nn.functional.cross_entropy(scores, torch.tensor([1, 97]))
-        loss.backward()
-        assert torch.isfinite(loss)
-        broken = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
-        assert broken == []
-        optimizer.step()
-    unreached = [n for n, p in net.named_parameters() if not GRADIENT_FREE.fullmatch(n) and not p.grad.any()]
-    assert unreached == []
+# Every model's training step at 100 classes (its scores, and gradients that reach every parameter) is checked
+# in test_deterministic_ops.py, in the step that records its operators.
 
 
 def test_base_cnn_prints_as_the_seed_did():
