@@ -2,8 +2,7 @@
 reach every parameter, and, for --deterministic on CUDA, no operator that PyTorch documents as raising under
 torch.use_deterministic_algorithms(True) on CUDA (with the confusion matrix of --eval-only and the mirror of --tta).
 The operators are checked on the CPU, by recording every ATen operator dispatched, so it needs no GPU;
-deterministic_ops.txt lists those operators and the documentation each comes from. (One step checks both: the
-gradients were a test of their own in test_models.py, which took the zoo's training steps a second time.)"""
+deterministic_ops.txt lists those operators and the documentation each comes from."""
 import re
 from pathlib import Path
 from typing import NamedTuple
