@@ -113,12 +113,12 @@ def pinned_outputs(name: str) -> dict:
     """What tests/fixtures/model_outputs.json holds for every model (rebuild it with make_model_outputs.py there):
     the root mean square of each parameter of a seeded network as built (its initialization), and its scores in
     training mode for two seeded images (what it computes).
-    Training mode, in float64, on one thread. In eval mode an untrained network's batch norm divides by nothing,
-    and the deep networks' scores grow into the millions as differences of far larger numbers: a CPU that adds
-    up in another order (AVX-512's oneDNN convolutions against AVX2's) or draws the initialization's last bit
-    otherwise (one without AVX2) moved SCNet-101's scores by up to 17% of the largest. Normalized by their batch,
-    the worst model's scores move by 4e-4 of the largest when the last bits are drawn otherwise, and not at all
-    between AVX2 and AVX-512."""
+    Training mode, in float64, on one thread (two add up in another order). In eval mode an untrained network's
+    batch norm, its running statistics still 0 and 1, normalizes nothing, and the deep networks' scores grow into
+    the millions as differences of far larger numbers: a CPU that adds up in another order (AVX-512's oneDNN
+    convolutions against AVX2's) or draws the initialization's last bit otherwise (one without AVX2) moved
+    SCNet-101's scores by up to 17% of the largest. Normalized by their batch, the worst model's scores move by
+    4e-4 of the largest when the last bits are drawn otherwise, and not at all between AVX2 and AVX-512."""
     torch.manual_seed(0)
     net = build_model(name, 10).double()
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)).double()
