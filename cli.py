@@ -149,12 +149,17 @@ class Settings:
                                  "seed; letters, digits, '.', '_', '-' [none]", type=tag_text)
     device: str = flag("auto", "training device [auto: cuda, then mps, then cpu]",
                        choices=list(DEVICE_CHOICES))
-    amp: str = flag("auto", "mixed precision autocast [auto: bf16 on CUDA, off elsewhere]; on CUDA, off still "
+    amp: str = flag("auto", "mixed precision autocast [auto: bf16 on CUDA from compute capability 8.0, fp16 "
+                            "below it, off elsewhere]; on CUDA, off still "
                             "runs convolutions and matrix products on TF32 tensor cores (10-bit mantissa)",
                     choices=list(AMP_CHOICES))
     channels_last: bool | None = flag(None, "channels_last memory format [on for CUDA, off elsewhere]",
                                       action=argparse.BooleanOptionalAction)
     compile: bool = flag(False, "torch.compile the model [off]", action="store_true")
+    dist_timeout: float = flag(60.0, "under torchrun: minutes a process waits for the others in one collective "
+                                     "(rank 0's dataset download, its end-of-run tests) before the run fails [60]",
+                               type=number(float, "a number of minutes above 0", lambda value: value > 0),
+                               reported=False)
     deterministic: bool = flag(False, "deterministic algorithms: bit-identical reruns and resumes, "
                                       "somewhat slower [off]", action="store_true", reported=False)
     resume: bool = flag(False, "continue the run from its last.pt", action="store_true", reported=False)

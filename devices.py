@@ -30,9 +30,17 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+BF16_CAPABILITY = (8, 0)  # Ampere: the first GPUs with bf16 tensor cores
+
+
 def resolve_amp(requested: str, device: torch.device) -> tuple[str, torch.dtype | None]:
-    """--amp's name and autocast dtype; auto is bf16 on CUDA and off elsewhere."""
-    name = ("bf16" if device.type == "cuda" else "off") if requested == "auto" else requested
+    """--amp's name and autocast dtype; auto is bf16 on CUDA GPUs of compute capability 8.0 and up, fp16 (with
+    the loss scaler) on older ones (T4, V100: their bf16 convolutions fall back to slow kernels), off elsewhere."""
+    if requested != "auto":
+        return requested, AMP_DTYPES[requested]
+    if device.type != "cuda":
+        return "off", None
+    name = "bf16" if torch.cuda.get_device_capability(device) >= BF16_CAPABILITY else "fp16"
     return name, AMP_DTYPES[name]
 
 

@@ -5,9 +5,9 @@
     python plot.py results                        # the same for every dataset folder
 
 Also writes the HTML pages of a dataset folder and of the results root (report.py). Run folders
-are read through runs.py, the module that writes them. train.py calls plot_curves()
-after every epoch, so importing this module must stay cheap: no torch here (the model registry is
-imported lazily, only to order summary rows and colour families).
+are read through runs.py, the module that writes them. A run draws its curves with plot_curves() in
+a process of its own as it trains (recording.py), so importing this module must stay cheap: no torch
+here (the model registry is imported lazily, only to order summary rows and colour families).
 Figures are drawn on matplotlib.figure.Figure objects with the Agg canvas and never through
 pyplot, so nothing needs a display and no figure outlives the call that drew it.
 """

@@ -4,6 +4,7 @@ its answer or its error. Under torchrun only rank 0 prints and writes.
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import os
 import sys
@@ -41,8 +42,10 @@ def is_master() -> bool:
     return int(os.environ.get("RANK", 0)) == 0
 
 
-def start_processes(device_name: str, deterministic: bool) -> Processes:
-    """Join torchrun's process group (when under it), pick this rank's device and set the backends."""
+def start_processes(device_name: str, deterministic: bool, timeout_minutes: float = 60.0) -> Processes:
+    """Join torchrun's process group (when under it), pick this rank's device and set the backends. A collective
+    that waits longer than timeout_minutes fails the run: long enough for rank 0 alone to download the dataset
+    and to test the final and best weights while the others wait (NCCL's default, 10 minutes, is not)."""
     rank, world_size, local_rank = 0, 1, 0
     ddp = under_torchrun()
     if ddp:
@@ -55,7 +58,8 @@ def start_processes(device_name: str, deterministic: bool) -> Processes:
         # device_id binds the NCCL communicator to this rank's GPU at once (no guessing, no hang on a
         # first collective that picks the wrong device).
         options = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", **options)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes), **options)
     set_up_backends(device, deterministic)
     return Processes(ddp, rank, world_size, local_rank, device)
 

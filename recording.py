@@ -7,19 +7,29 @@ the CPU, so the next epoch trains meanwhile: the loop only waits for the copy (a
 longer than an epoch, for the previous save). Every file is still written atomically and last.pt first
 among the checkpoint's dependents, so a SIGKILL at any moment leaves a folder that --resume continues
 exactly; a failed write is reported by the loop at its next save or at the end, with what last.pt holds.
-curves.png is drawn at most every CURVES_EVERY_SECONDS (matplotlib holds Python's lock while it draws,
-which slows the training thread) and always at the end of the run.
+While the run trains, curves.png is drawn in a process of its own (CurvesDrawer), every CURVES_EVERY_SECONDS
+at most, the first that long after the start, and one drawing at a time: matplotlib holds Python's lock while it
+draws, and drawing on the writer thread kept the training thread from launching its kernels. The end of the run
+draws it once more in this process, with the test accuracy in its title.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
+import select
+import signal
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, TextIO
+
+import torch
 
 import plot
 import run_files
@@ -28,6 +38,7 @@ import tensorboard_log
 from run_files import BestCheckpoint, EpochMetrics, LastCheckpoint
 
 CURVES_EVERY_SECONDS = 10.0
+PROJECT_ROOT = Path(__file__).resolve().parent  # where the drawing process imports this module from
 EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+, ")  # the start of epoch_line's lines
 
 
@@ -64,6 +75,115 @@ def timings(history: list[EpochMetrics]) -> dict:
             "steady_between_seconds": round(statistics.median(between), 3) if between else None}
 
 
+class CurvesDrawer:
+    """Draws run folders' curves.png in a process of its own, one at a time, without waiting for it: the process
+    starts at the first drawing and imports plot.py once, then draws each folder sent to it (serve_curves). A
+    failed drawing (WriteFailed: a full disk, say) is kept, and failure() hands it to the training thread at the
+    next save; close() waits for the drawing under way. The process ignores the signals that stop a run (Ctrl-C
+    reaches the run alone) and ends when its input closes: at close(), or when the run's process ends in any
+    way, SIGKILL included. Not thread-safe: the writer thread draws while the epoch's files are written, the
+    training thread asks for failures once they are."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen | None = None
+        self._drawing: Path | None = None  # the curves.png being drawn
+        self._failure: runs.WriteFailed | None = None
+
+    def busy(self) -> bool:
+        """Whether a drawing is under way; a finished one's answer is taken in."""
+        if self._drawing is not None and select.select([self._process.stdout], [], [], 0)[0]:
+            self._take_answer()
+        return self._drawing is not None
+
+    def draw(self, folder: Path) -> bool:
+        """Start drawing folder's curves.png, unless a drawing is under way (False)."""
+        if self.busy():
+            return False
+        if self._process is None:
+            # Its stdout carries the answers alone: whatever else prints goes to stderr.
+            code = ("import sys; answers, sys.stdout = sys.stdout, sys.stderr; sys.path.insert(0, sys.argv[1]); "
+                    "import recording; recording.serve_curves(answers)")
+            self._process = subprocess.Popen([sys.executable, "-c", code, str(PROJECT_ROOT)], stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self._drawing = Path(folder) / run_files.CURVES_FILE
+        try:
+            self._process.stdin.write(json.dumps(str(folder)) + "\n")
+            self._process.stdin.flush()
+        except OSError:  # the process is gone (killed): its answer, read next, says so
+            pass
+        return True
+
+    def failure(self) -> runs.WriteFailed | None:
+        """The failure of a finished drawing not yet handed over, if any; once."""
+        self.busy()
+        failure, self._failure = self._failure, None
+        return failure
+
+    def close(self) -> runs.WriteFailed | None:
+        """Wait for the drawing under way and end the process; the failure not yet handed over, if any."""
+        if self._process is not None:
+            if self._drawing is not None:
+                self._take_answer()
+            with contextlib.suppress(OSError):
+                self._process.stdin.close()
+            self._process.wait()
+            self._process.stdout.close()
+            self._process = None
+        return self.failure()
+
+    def _take_answer(self) -> None:
+        answer = self._process.stdout.readline()
+        if not answer:
+            code = self._process.wait()
+            self._process.stdout.close()
+            self._process = None
+            answer = json.dumps([str(self._drawing), f"the drawing process ended with exit code {code}"])
+        try:
+            failed = json.loads(answer)
+        except ValueError:
+            failed = [str(self._drawing), f"the drawing process answered {answer.strip()[:200]!r}"]
+        if failed is not None and self._failure is None:
+            self._failure = runs.WriteFailed(Path(failed[0]), failed[1])
+        self._drawing = None
+
+
+def serve_curves(answers: TextIO) -> None:
+    """The drawing process of CurvesDrawer: for every line of its input (a run folder, as a JSON string), draw
+    the folder's curves.png and answer a line to `answers`: null, or the JSON list [path, reason] of what could
+    not be written. Ends when its input does."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(number, signal.SIG_IGN)
+    for line in sys.stdin:
+        folder = Path(json.loads(line))
+        try:
+            plot.plot_curves(folder)
+            answer = None
+        except runs.WriteFailed as err:
+            answer = [str(err.path), err.reason]
+        except Exception as err:  # a bug, or a file of the folder broken meanwhile: said, never a hang
+            answer = [str(folder / run_files.CURVES_FILE), f"drawing failed: {type(err).__name__}: {err}"]
+        print(json.dumps(answer), file=answers, flush=True)
+
+
+def trainer_stream(device) -> torch.cuda.Stream | None:
+    """The CUDA stream the training thread queues its work on; None off CUDA."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def on_stream(stream: torch.cuda.Stream | None) -> Iterator[None]:
+    """The calling thread's work queued on stream (nothing changes for None): each thread has a current stream
+    of its own, the default stream until it picks another. Checked once entered, as the copies rely on it."""
+    if stream is None:
+        yield
+        return
+    with torch.cuda.stream(stream):
+        current = torch.cuda.current_stream(stream.device)
+        if current != stream:
+            raise RuntimeError(f"the writer thread copies on {current}, not on the training thread's {stream}")
+        yield
+
+
 @dataclass
 class EpochFiles:
     """One epoch's files, as the CPU copies they are written from."""
@@ -88,12 +208,17 @@ class Output:
     notes: list[str] = field(default_factory=list)  # lines announce() says after the run's description
     copies: dict = field(default_factory=dict)  # the CPU copies of the state the last save was written from
     writer: runs.BackgroundWriter = field(default_factory=runs.BackgroundWriter)
-    curves_drawn_at: float = -math.inf
+    drawer: CurvesDrawer = field(default_factory=CurvesDrawer)
+    # From the start, so that a run shorter than CURVES_EVERY_SECONDS starts no drawing process (the end draws).
+    curves_drawn_at: float = field(default_factory=time.monotonic)
 
     def save_epoch(self, run, training, progress, metrics: EpochMetrics, new_best: bool) -> None:
         """Start writing an epoch's files (train.py's run, training and progress) in the background, from
-        copies of the state on the CPU; WriteFailed if the previous epoch's failed."""
+        copies of the state on the CPU; WriteFailed if the previous epoch's failed, or a drawing of curves.png."""
         self.writer.wait()  # the previous epoch's files first: their copies of the state are reused for these
+        failure = self.drawer.failure()
+        if failure is not None:
+            raise failure
         optimization, config, epoch = training.optimization, self.config, metrics.epoch
         state = training.raw_net.state_dict()
         parameters = {name for name, _ in training.raw_net.named_parameters()}
@@ -109,12 +234,17 @@ class Output:
         files = EpochFiles(metrics, None, last, list(progress.history), epoch == progress.start_epoch + 1,
                            config["epochs"])
         optimization.copying = copied = threading.Event()
+        # The copies queue on the training thread's stream, after the update that made the values copied, where
+        # the writer thread's own (the default stream) could read them before it ends.
+        stream = trainer_stream(run.procs.device)
 
         def copy_then_write() -> None:
             try:
-                model = runs.cpu_copy(state, self.copies.get("model"))  # parameters copied, buffers too (tiny)
-                model.update(buffers)
-                last["optimizer"] = runs.cpu_copy(optimization.optimizer.state_dict(), self.copies.get("optimizer"))
+                with on_stream(stream):
+                    model = runs.cpu_copy(state, self.copies.get("model"))  # parameters copied, buffers too (tiny)
+                    model.update(buffers)
+                    last["optimizer"] = runs.cpu_copy(optimization.optimizer.state_dict(),
+                                                      self.copies.get("optimizer"))
                 last["model"], self.copies = model, {"model": model, "optimizer": last["optimizer"]}
             finally:
                 copied.set()
@@ -138,18 +268,27 @@ class Output:
             for stale in run_files.END_OF_RUN_FILES:
                 runs.remove_file(folder / stale)  # they described an older state
         runs.write_metrics(folder / run_files.METRICS_FILE, files.history)
-        if time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_SECONDS:
-            plot.plot_curves(folder)
+        if time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_SECONDS and self.drawer.draw(folder):
             self.curves_drawn_at = time.monotonic()
         self.say(epoch_line(files.metrics, files.epochs))
         if self.epoch_log is not None:  # after last.pt, so a resume never writes an epoch twice
             self.epoch_log.write(row)
 
-    def settle(self) -> BaseException | None:
-        """Wait for the epoch being written; its error, if it failed, returned instead of raised (for the
-        ways out of a run that report something else)."""
+    def wait(self) -> None:
+        """Until the epoch being written is written and curves.png drawn (the drawing process ends); WriteFailed
+        if either failed."""
         try:
             self.writer.wait()
+        finally:
+            failure = self.drawer.close()
+        if failure is not None:
+            raise failure
+
+    def settle(self) -> BaseException | None:
+        """wait(), its error, if any, returned instead of raised (for the ways out of a run that report
+        something else)."""
+        try:
+            self.wait()
         except BaseException as err:
             return err
         return None

@@ -41,9 +41,10 @@ class WriteFailed(RunFailed):
     """A run file could not be written (no space left, quota, I/O error, folder gone); the file keeps its
     previous complete version and no temporary file is left. str() is one line naming the file and why."""
 
-    def __init__(self, path: Path, error: OSError) -> None:
-        reason = error.strerror or type(error).__name__
-        super().__init__(f"cannot write {path} ({reason})")
+    def __init__(self, path: Path, error: OSError | str) -> None:
+        self.path = Path(path)
+        self.reason = error if isinstance(error, str) else error.strerror or type(error).__name__
+        super().__init__(f"cannot write {path} ({self.reason})")
 
 
 def run_folder(results_dir: str | Path, dataset: str, model: str, tag: str | None) -> Path:
@@ -92,6 +93,30 @@ def remove_stale_temp_files(run_dir: Path) -> None:
 
 def write_text(path: Path, text: str) -> None:
     write_atomically(path, lambda out: out.write(text.encode("utf-8")))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Add one line to the end of a text file, on disk when this returns; WriteFailed for any OSError (a file
+    that is not there among them), the file cut back to its previous end, so that it never ends in part of a
+    line."""
+    data = memoryview((line + "\n").encode("utf-8"))
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as err:
+        raise WriteFailed(path, err) from None
+    try:
+        end = os.fstat(handle).st_size
+        while data:
+            data = data[os.write(handle, data):]
+        os.fsync(handle)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.ftruncate(handle, end)
+        if isinstance(err, OSError):
+            raise WriteFailed(path, err) from None
+        raise
+    finally:
+        os.close(handle)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -360,11 +385,24 @@ class BackgroundWriter:
 
 
 def make_logger(master: bool, run_dir: Path, log_lines: list[str]) -> Callable[[str], None]:
-    """say(line): print it and rewrite log.txt with every line so far (rank 0 only)."""
+    """say(line): print it, flushed, and add it to log.txt (rank 0 only). The first line said writes log.txt
+    whole, atomically: log_lines (what a resume read back, completed from last.pt) and this line; every later
+    line is appended, so that a line costs its own write however long the log (and the whole file is written
+    again only after a failed append, or if log.txt went away). Nothing is written before the first line: a run
+    refused before it takes the folder's lock writes nothing."""
+    path = run_dir / LOG_FILE
+    whole = False  # whether log.txt holds every line so far, so that the next can be appended
+
     def say(line: str) -> None:
+        nonlocal whole
         if not master:
             return
         print(line, flush=True)
         log_lines.append(line)
-        write_text(run_dir / LOG_FILE, "\n".join(log_lines) + "\n")
+        if whole and path.exists():
+            whole = False  # until the line is in: after a failed append, the next line writes the file whole
+            append_line(path, line)
+        else:
+            write_text(path, "\n".join(log_lines) + "\n")
+        whole = True
     return say

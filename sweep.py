@@ -353,8 +353,7 @@ def worker_environments(args) -> dict[str, dict]:
     if args.workers is None and args.gpus is None and visible == 0:
         args.workers = 1
     if args.workers is not None:
-        threads = str(max(1, (os.cpu_count() or 1) // args.workers))
-        base = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
+        base = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **thread_shares(args.workers)}
         return {f"cpu{number}": base for number in range(args.workers)}
     wanted = range(visible) if args.gpus is None else args.gpus
     missing = [gpu for gpu in wanted if gpu >= visible]
@@ -364,7 +363,16 @@ def worker_environments(args) -> dict[str, dict]:
                          "--workers N runs on the CPU")
     # The ids are positions among the visible GPUs; CUDA_VISIBLE_DEVICES may already narrow those down.
     names = os.environ.get("CUDA_VISIBLE_DEVICES", ",".join(map(str, range(visible)))).split(",")
-    return {f"gpu{gpu}": {**os.environ, "CUDA_VISIBLE_DEVICES": names[gpu].strip()} for gpu in wanted}
+    shares = thread_shares(len(wanted))
+    return {f"gpu{gpu}": {**os.environ, "CUDA_VISIBLE_DEVICES": names[gpu].strip(), **shares} for gpu in wanted}
+
+
+def thread_shares(workers: int) -> dict[str, str]:
+    """Each worker's share of the machine's cores, for its math threads and for torch.compile's compiling
+    processes (each of 8 compiling runs would otherwise start as many as the machine has cores); a value the
+    user already set is kept."""
+    share = str(max(1, (os.cpu_count() or 1) // workers))
+    return {name: os.environ.get(name, share) for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS")}
 
 
 def run_here(plan: list[PlannedRun], folder: Path, environments: dict[str, dict]) -> int:

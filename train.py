@@ -32,11 +32,11 @@ import run_files
 import runs
 import stopping
 import tensorboard_log
-from devices import accumulator_dtype, resolve_amp, synchronize, torchvision_version
+from devices import resolve_amp, synchronize, torchvision_version
 from errors import RunFailed, UsageError, run_command
 from evaluation import evaluate, evaluate_checkpoint, predict_images, rates
 from model import build_model, count_flops, count_parameters, describe_model, format_flops, models_in
-from optimization import Optimization, make_optimization
+from optimization import EpochSums, Optimization, make_optimization
 from processes import (
     Processes,
     all_reduce_sum,
@@ -139,13 +139,26 @@ def open_run(args, dataset: str, argv: list[str],
 # Stage 4: model, optimizer, schedule
 
 
+COMPILE_BACKEND = "inductor"  # torch.compile's backend; tests put a recording one here
+
+
 @dataclass
 class Training:
     raw_net: nn.Module  # the model itself, whose state_dict is saved
-    net: nn.Module  # what the loop calls: raw_net, wrapped by DDP and torch.compile as asked
+    net: nn.Module  # what the loop calls for a full batch: raw_net, wrapped by DDP and torch.compile as asked
     optimization: Optimization
     parameters: int
     flops: int
+    eager_net: nn.Module | None = None  # with --compile: raw_net wrapped by DDP alone, for the other batch sizes
+    compiled_batch: int = 0  # the one batch size (per process) the compiled network sees
+
+    def net_for(self, inputs: torch.Tensor) -> nn.Module:
+        """The compiled network for the full batch, the uncompiled one for any other size (the epoch's last,
+        smaller batch): compiling that size too would cost a second compilation in every run, for one step
+        an epoch, and both run the same parameters."""
+        if self.eager_net is None or inputs.shape[0] == self.compiled_batch:
+            return self.net
+        return self.eager_net
 
 
 def build_training(run: Run, num_classes: int, steps_per_epoch: int) -> Training:
@@ -166,13 +179,20 @@ def build_training(run: Run, num_classes: int, steps_per_epoch: int) -> Training
         # every forward would only cost time; without it rank 0's are used (and broadcast before validating).
         net = nn.parallel.DistributedDataParallel(
             net, device_ids=[procs.local_rank] if procs.device.type == "cuda" else None,
-            broadcast_buffers=not recipe.sync_bn)
-    if run.config.settings.compile:
-        # Static shapes: the last, smaller batch compiles a graph of its own once, instead of a dynamic
-        # graph that would then serve every full batch too (slower); nothing compiles after epoch 1.
-        net = torch.compile(net, dynamic=False)
+            broadcast_buffers=not recipe.sync_bn,
+            # The gradients live in DDP's communication buckets: no copy into and out of them every step.
+            gradient_as_bucket_view=True)
     optimization = make_optimization(raw_net, recipe, steps_per_epoch, procs.device, run.amp_dtype)
-    return Training(raw_net, net, optimization, parameters, flops)
+    if not run.config.settings.compile:
+        return Training(raw_net, net, optimization, parameters, flops)
+    if run.config.settings.deterministic:
+        # Inductor's own switch: no autotuning by timing, no atomics in its generated reductions.
+        torch._inductor.config.deterministic = True
+    # Static shapes, for the full batch alone: Training.net_for sends any other size to the uncompiled network,
+    # so one graph is compiled in the first step and nothing after it.
+    compiled = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
+    return Training(raw_net, compiled, optimization, parameters, flops, eager_net=net,
+                    compiled_batch=recipe.batch_size // procs.world_size)
 
 
 def run_facts(run: Run, num_classes: int, data: Data, training: Training) -> RunFacts:
@@ -253,7 +273,7 @@ def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> Non
 
 
 def train(args, dataset: str, argv: list[str]) -> int:
-    procs = start_processes(args.device, args.deterministic)
+    procs = start_processes(args.device, args.deterministic, args.dist_timeout)
     args = stopping.auto_resume(args, dataset)  # --resume when the folder holds a last.pt
     config, checkpoint, folder_state = open_run(args, dataset, argv, procs)
     recipe = config.recipe
@@ -266,6 +286,9 @@ def train(args, dataset: str, argv: list[str]) -> int:
     if recipe.batch_size % procs.world_size:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible by the {procs.world_size} "
                          "processes; pick a multiple of the process count")
+    if recipe.sync_bn and config.settings.compile:
+        raise UsageError("--sync-bn and --compile do not work together (torch.compile breaks its graph at every "
+                         "SyncBatchNorm); drop one of them")
     amp_name, amp_dtype = resolve_amp(config.settings.amp, procs.device)
     channels_last = config.settings.channels_last
     run = Run(config, procs, run_dir, amp_name, amp_dtype,
@@ -351,26 +374,22 @@ def train_epoch(run: Run, data: Data, training: Training, progress: Progress, ep
     batches, steps = data.train_batches, len(data.train_batches)
     net.train()
     batches.set_epoch(epoch)
-    totals = torch.zeros(3, device=device, dtype=accumulator_dtype(device))  # loss, hits, count
-    first_bad_step = torch.full((), -1, device=device)
+    sums = EpochSums(device, DIVERGENCE_CHECK_STEPS)
     bar = _progress_bar(run, steps, epoch)
     for step, (inputs, labels) in enumerate(batches, start=1):
-        loss, logits = training.optimization.step(net, inputs, labels)
-        # Accumulate on the device; reading values back every step would stall the GPU.
-        totals[0] += loss * labels.numel()
-        totals[1] += (logits.argmax(1) == labels).sum()
-        totals[2] += labels.numel()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                     torch.full_like(first_bad_step, step), first_bad_step)
+        loss, logits = training.optimization.step(training.net_for(inputs), inputs, labels)
+        # Summed on the device, in few kernels: reading values back every step would stall the GPU, and
+        # launching many small kernels would keep it waiting for the host.
+        sums.add(loss, logits, labels)
         if step % DIVERGENCE_CHECK_STEPS == 0 or step == steps:
-            check_divergence(run, first_bad_step, epoch, len(progress.history))
+            check_divergence(run, sums.first_bad_step(), epoch, len(progress.history))
             if bar is not None:
-                bar.set_postfix(loss=f"{totals[0].item() / totals[2].item():.4f}")
+                bar.set_postfix(loss=f"{sums.totals[0].item() / sums.images:.4f}")
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
-    return all_reduce_sum(totals, run.procs.ddp)
+    return all_reduce_sum(sums.result(), run.procs.ddp)
 
 
 def record_epoch(run: Run, training: Training, progress: Progress, output: Output,
@@ -415,10 +434,10 @@ def _progress_bar(run: Run, total: int, epoch: int):
 
 
 def finish(run: Run, data: Data, training: Training, progress: Progress, output: Output) -> None:
-    output.writer.wait()  # the last epoch's files, best.pt first among them
+    output.wait()  # the last epoch's files, best.pt first among them, and the last drawing of curves.png
     output.say("Training Finished")
     raw_net = training.raw_net
-    test_batches = data.test_batches(max(256, run.recipe.batch_size))
+    test_batches = data.test_batches()
     final = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
     raw_net.load_state_dict(runs.load_checkpoint(run.folder / run_files.BEST_CHECKPOINT)["model"])
     best_test = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])

@@ -14,6 +14,9 @@ evaluation step is a forward pass without gradients in eval mode. Each model is 
 Defaults on CUDA: batch 256, 10 warm-up and 30 timed steps, fp32 and bf16+channels_last. On CPU, where a few
 steps are enough to rank the models: batch 32, 3 warm-up and 5 timed steps, fp32.
 
+With --out, the JSON file is rewritten after every row, "complete": false until the last: a benchmark stopped
+mid-way (a time limit, Ctrl-C) leaves every model measured before it, in --models order.
+
 Peak memory is that of the training steps above what was in use before the model was built: on CUDA
 torch.cuda.max_memory_allocated; on Linux CPUs the growth of the process's peak resident memory (VmHWM, reset
 through /proc/self/clear_refs before each model), which also counts memory the allocator kept from earlier
@@ -27,6 +30,7 @@ import gc
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,7 +201,8 @@ def print_row(row: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return run_command(lambda: benchmark(args))
+    stopped = "Interrupted; the rows measured so far are in --out" if args.out else "Interrupted"
+    return run_command(lambda: benchmark(args), interrupted=stopped)
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -213,20 +218,22 @@ def benchmark(args: argparse.Namespace) -> int:
           f"evaluation, random inputs; GFLOPs: forward, one 32x32 image; peak memory: training, {memory}")
     print(f"{'model':{NAME_WIDTH}s} {'params':>11s} {'GFLOPs':>7s} {'variant':27s} {'train img/s':>11s} "
           f"{'eval img/s':>10s} {'peak memory':>12s}")
-    rows = []
+    rows: list[dict] = []
+    save_results(args.out, run, rows, complete=False)
     for name in names:
-        rows.extend(measure_model(name, variants, args, device))
-    save_results(args.out, run, rows)
+        for row in measure_model(name, variants, args, device):
+            rows.append(row)
+            save_results(args.out, run, rows, complete=False)
+    save_results(args.out, run, rows, complete=True)
     return 0
 
 
-def measure_model(name: str, variants: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """The rows of one model, one per variant that fits in memory, each printed as soon as measured."""
+def measure_model(name: str, variants: list[str], args: argparse.Namespace, device: torch.device) -> Iterator[dict]:
+    """The rows of one model, one per variant that fits in memory, each printed and given as soon as measured."""
     # Counting needs shapes only: the meta device skips allocating the weights.
     with torch.device("meta"):
         counted = build_model(name, NUM_CLASSES)
     parameters, gflops = count_parameters(counted), count_flops(counted) / 1e9
-    rows = []
     for variant in variants:
         try:
             result = measure(name, VARIANTS[variant], args, device)
@@ -234,9 +241,9 @@ def measure_model(name: str, variants: list[str], args: argparse.Namespace, devi
             print(f"{name:{NAME_WIDTH}s} {variant}: out of memory at batch {args.batch_size}; try a smaller "
                   f"--batch-size", flush=True)
             continue
-        rows.append({"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result})
-        print_row(rows[-1])
-    return rows
+        row = {"model": name, "parameters": parameters, "gflops": gflops, "variant": variant, **result}
+        print_row(row)
+        yield row
 
 
 if __name__ == "__main__":

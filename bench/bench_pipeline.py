@@ -21,6 +21,10 @@ By default cnn_base runs whole epochs and the other models, on CPU, 5 steps per 
 CUDA). With a step limit both pipelines still pay their whole per-epoch set-up (the project crops and flips all
 of the epoch's images when iteration starts; the DataLoader starts its workers), so such a ratio is not the
 ratio of whole epochs. Prints the machine, the versions and the date beside the figures.
+
+With --out, the JSON file is rewritten after every timed round (one epoch of each pipeline), "complete": false
+until the last: a benchmark stopped mid-way (a time limit, Ctrl-C) leaves the models measured before it and, for
+the model it was measuring, the medians of the rounds it finished ("seconds" lists them).
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import itertools
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -105,9 +109,10 @@ def timed_epoch(batches: Iterable, step: Callable[[torch.Tensor, torch.Tensor], 
     return time.perf_counter() - started, images
 
 
-def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: argparse.Namespace,
-            device: torch.device, max_steps: int | None) -> tuple[dict[str, list[float]], int]:
-    """Seconds of each timed epoch by pipeline, the pipelines taking turns, and the images of one epoch."""
+def timed_rounds(name: str, project_batches: TrainBatches, dataset: PilCifar, args: argparse.Namespace,
+                 device: torch.device, max_steps: int | None) -> Iterator[tuple[dict[str, list[float]], int]]:
+    """After every timed round, the seconds of each timed epoch so far by pipeline, the pipelines taking turns,
+    and the images of one epoch."""
     amp_dtype = torch.bfloat16 if args.amp else None
     seconds: dict[str, list[float]] = {pipeline: [] for pipeline in PIPELINES}
     images_per_epoch = 0
@@ -125,7 +130,8 @@ def compare(name: str, project_batches: TrainBatches, dataset: PilCifar, args: a
             if epoch > 0:
                 seconds[pipeline].append(took)
             del net, optimization, step
-    return seconds, images_per_epoch
+        if epoch > 0:
+            yield seconds, images_per_epoch
 
 
 # -- the command line ------------------------------------------------------------------------------------------------
@@ -179,7 +185,8 @@ def print_table(rows: list[dict], batch_size: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(argv)
-    return run_command(lambda: benchmark(args))
+    stopped = "Interrupted; the rounds measured so far are in --out" if args.out else "Interrupted"
+    return run_command(lambda: benchmark(args), interrupted=stopped)
 
 
 def benchmark(args: argparse.Namespace) -> int:
@@ -204,33 +211,41 @@ def benchmark(args: argparse.Namespace) -> int:
     options = BatchOptions(mean, std, device=device, channels_last=args.channels_last)
     project_batches = TrainBatches(data.train_images, data.train_labels, args.batch_size, options, seed=SEED)
     dataset = PilCifar(data.train_images, data.train_labels, pil_transform(mean, std))
-    rows = []
+    rows: list[dict] = []
+    save_results(args.out, run, rows, complete=False)
     for name in names:
         max_steps = args.steps if args.steps is not None else default_steps(name, device)
-        seconds, images = compare(name, project_batches, dataset, args, device, max_steps)
-        rows.extend(model_rows(name, seconds, images, max_steps, len(project_batches)))
+        for seconds, images in timed_rounds(name, project_batches, dataset, args, device, max_steps):
+            measured = model_rows(name, seconds, images, max_steps, len(project_batches))
+            save_results(args.out, run, rows + measured, complete=False)
+        rows.extend(measured)
+        print_medians(measured)
     print()
     print_table(rows, args.batch_size)
     for name in names:
         ratio = next(row["ratio"] for row in rows if row["model"] == name and row["pipeline"] == "project")
         print(f"{name}: the project's pipeline takes {ratio:.3f} of the DataLoader's time, a speed-up of "
               f"{1 / ratio:.2f}x")
-    save_results(args.out, run, rows)
+    save_results(args.out, run, rows, complete=True)
     return 0
 
 
 def model_rows(name: str, seconds: dict[str, list[float]], images: int, max_steps: int | None,
                epoch_steps: int) -> list[dict]:
-    """One model's row per pipeline, printing its medians."""
+    """One model's row per pipeline, from the timed epochs so far."""
     medians = {pipeline: statistics.median(times) for pipeline, times in seconds.items()}
     rows = [{"model": name, "pipeline": pipeline, "steps": min(max_steps or epoch_steps, epoch_steps),
              "whole_epoch": max_steps is None or max_steps >= epoch_steps,
              "images": images, "seconds": seconds[pipeline], "median_seconds": medians[pipeline],
              "images_per_second": images / medians[pipeline], "ratio": medians[pipeline] / medians["dataloader"]}
             for pipeline in PIPELINES]
-    print(f"{name}: {rows[-1]['steps']} steps, median project {medians['project']:.3f} s, "
-          f"dataloader {medians['dataloader']:.3f} s", flush=True)
     return rows
+
+
+def print_medians(rows: list[dict]) -> None:
+    medians = {row["pipeline"]: row["median_seconds"] for row in rows}
+    print(f"{rows[0]['model']}: {rows[0]['steps']} steps, median project {medians['project']:.3f} s, "
+          f"dataloader {medians['dataloader']:.3f} s", flush=True)
 
 
 if __name__ == "__main__":

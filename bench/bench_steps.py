@@ -25,11 +25,10 @@ from common import SEED, describe_run, print_run, seconds
 import cli
 import course
 from batches import BatchOptions, TrainBatches
-from devices import accumulator_dtype
 from errors import run_command
 from load_data_cifar10 import NUM_CLASSES
 from model import build_model
-from optimization import make_optimization
+from optimization import EpochSums, make_optimization
 
 MODEL = "cnn_base"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)  # CIFAR-10's, roughly; the figures do not depend on them
@@ -82,17 +81,12 @@ def ours(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
     optimization = make_optimization(net, recipe, len(batches), torch.device("cpu"), None)
 
     def loop() -> None:
-        totals = torch.zeros(3, dtype=accumulator_dtype(torch.device("cpu")))
-        first_bad_step = torch.full((), -1)
-        for step, (inputs, targets) in enumerate(batches, start=1):
+        sums = EpochSums(torch.device("cpu"), len(batches))
+        for inputs, targets in batches:
             loss, logits = optimization.step(net, inputs, targets)
-            # train.py's train_epoch, per step: the sums on the device and the divergence mark
-            totals[0] += loss * targets.numel()
-            totals[1] += (logits.argmax(1) == targets).sum()
-            totals[2] += targets.numel()
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss),
-                                         torch.full_like(first_bad_step, step), first_bad_step)
-        totals.tolist()
+            sums.add(loss, logits, targets)  # train.py's train_epoch, per step: the sums on the device
+        sums.first_bad_step().item()
+        sums.result().tolist()
     return loop
 
 

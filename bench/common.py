@@ -1,7 +1,7 @@
 """What the bench scripts share: the machine and versions printed beside every figure, a fresh model with
 train.py's own optimization (optimization.py), a timer that waits for the GPU, model-list checking and the
---out writer. The training step and the backend settings are the project's (Optimization.step,
-devices.set_up_backends), not copies, so a benchmark measures what a run does.
+--out writer, which rewrites its file after every result. The training step and the backend settings are the
+project's (Optimization.step, devices.set_up_backends), not copies, so a benchmark measures what a run does.
 
 Each script imports this module from its own folder before any project module: importing it puts the
 repository root on sys.path (so the scripts run from anywhere). No bench script imports another.
@@ -97,13 +97,16 @@ def check_out(out: str | None, script: str) -> None:
         raise UsageError(f"--out {out} is a folder; pass a file name such as {out}/{script}.json")
 
 
-def save_results(out: str | None, run: dict, rows: list[dict]) -> None:
-    """Write the run's description and rows as JSON to --out, if given; a UsageError when it cannot."""
+def save_results(out: str | None, run: dict, rows: list[dict], complete: bool) -> None:
+    """Write the run's description and rows as JSON to --out, if given, with "complete": false until the last
+    row. The scripts call it once before measuring (a bad --out fails at once) and again after every result,
+    each time replacing the file whole (runs.write_json), so that a benchmark stopped mid-way (Ctrl-C, a time
+    limit's SIGTERM or SIGKILL) leaves every result measured before it. A UsageError when it cannot write."""
     if not out:
         return
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        runs.write_json(Path(out), {**run, "rows": rows})
+        runs.write_json(Path(out), {**run, "complete": complete, "rows": rows})
     except runs.WriteFailed as err:  # "cannot write PATH (reason)"
         raise UsageError(f"{err}; pass another --out") from None
     except OSError as err:

@@ -35,10 +35,13 @@ class SelectiveKernel(nn.Module):
         self.select = nn.Conv2d(hidden, len(self.branches) * channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = torch.stack([branch(x) for branch in self.branches], 1)  # (N, 2, C, H, W)
-        summary = self.squeeze(F.adaptive_avg_pool2d(features.sum(1), 1))  # fuse: (N, d, 1, 1)
-        logits = self.select(summary).unflatten(1, (len(self.branches), -1))  # (N, 2, C, 1, 1)
-        return (features * torch.softmax(logits, 1)).sum(1)
+        near, far = (branch(x) for branch in self.branches)
+        summary = self.squeeze(F.adaptive_avg_pool2d(near + far, 1))  # fuse: (N, d, 1, 1)
+        logits = self.select(summary).unflatten(1, (2, -1))  # (N, 2, C, 1, 1)
+        weights = torch.softmax(logits, 1)
+        # A sum written out, not torch.stack(...).sum(1): elementwise ops keep channels_last, where the stack's
+        # sum comes back NCHW and the next conv would copy it back.
+        return near * weights[:, 0] + far * weights[:, 1]
 
 
 def sknet29(num_classes: int) -> ResNeXt29:

@@ -40,7 +40,8 @@ WARNING_LINE = re.compile(r"^\S.*:\d+: \w*Warning: ")
 # it nears the end of its last one, in the order below (--no-loadscope-reorder): the slowest first, so that no
 # long file is left to run alone at the end. The others follow in their usual order.
 SLOWEST_FILES_FIRST = ["test_train.py", "test_sweep.py", "test_faults.py", "test_models.py", "test_gpu_session.py",
-                       "test_deterministic_ops.py", "test_slurm.py", "test_stopping.py"]
+                       "test_deterministic_ops.py", "test_slurm.py", "test_host_work.py", "test_channels_last.py",
+                       "test_stopping.py"]
 
 
 def pytest_collection_modifyitems(items) -> None:

@@ -1,14 +1,24 @@
 """What the CUDA paths need, proved on the CPU: random-number state saved and restored for the training GPU
-alone, a change of --amp on --resume, and torch.compile on static shapes that compile in the first epoch only."""
+alone, a change of --amp on --resume, torch.compile of one static graph in the first epoch only (the last,
+smaller batch uncompiled), flag combinations that cannot work refused or made to work, the precision chosen by
+the GPU's compute capability, and torchrun's timeout, buckets and a sweep's share of the cores."""
+import datetime
 import json
+import os
+from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import tiny_args
+from test_train import read_metrics, tiny_args
 
 import batches
+import cli
+import devices
+import processes
 import runs
+import sweep
 import train
+from conftest import message_lines
 
 # ---------------------------------------------------------------------------------------------------
 # Random-number state: only the training device's GPU
@@ -85,30 +95,154 @@ def test_resume_may_change_amp(cifar10_dir, tmp_path, capsys, before, after):
 # torch.compile: static shapes, compiled in the first epoch only
 
 
-def test_compiled_training_compiles_static_shapes_in_the_first_epoch_only(cifar10_dir, tmp_path, monkeypatch):
-    compiled, epoch_now = [], [0]
-    real_compile, real_set_epoch = torch.compile, batches.TrainBatches.set_epoch
+class RecordingBackend:
+    """A torch.compile backend that notes each graph (the epoch it was compiled in, whether its batch size is
+    symbolic, Inductor's deterministic switch at that moment) and runs it as it is."""
 
-    def record(graph, example_inputs):  # a backend that notes each graph and runs it as it is
+    def __init__(self, monkeypatch) -> None:
+        self.graphs, self.epoch_now = [], 0
+        real_set_epoch = batches.TrainBatches.set_epoch
+
+        def set_epoch(batches_self, epoch):
+            self.epoch_now = epoch
+            real_set_epoch(batches_self, epoch)
+
+        monkeypatch.setattr(batches.TrainBatches, "set_epoch", set_epoch)
+        monkeypatch.setattr(train, "COMPILE_BACKEND", self)
+
+    def __call__(self, graph, example_inputs):
         symbolic = [value for value in example_inputs if isinstance(value, torch.SymInt)]
         symbolic += [size for value in example_inputs if isinstance(value, torch.Tensor) for size in value.shape
                      if isinstance(size, torch.SymInt)]
-        compiled.append((epoch_now[0], bool(symbolic)))
+        batch = [value.shape[0] for value in example_inputs
+                 if isinstance(value, torch.Tensor) and tuple(value.shape[1:]) == (3, 32, 32)]  # the images
+        self.graphs.append({"epoch": self.epoch_now, "dynamic": bool(symbolic), "batch": batch[:1],
+                            "deterministic": torch._inductor.config.deterministic})
         return graph.forward
 
-    def set_epoch(self, epoch):
-        epoch_now[0] = epoch
-        real_set_epoch(self, epoch)
 
-    monkeypatch.setattr(torch, "compile", lambda net, **options: real_compile(net, backend=record, **options))
-    monkeypatch.setattr(batches.TrainBatches, "set_epoch", set_epoch)
+@pytest.fixture
+def fresh_dynamo():
     torch._dynamo.reset()
+    deterministic = torch._inductor.config.deterministic
+    yield
+    torch._dynamo.reset()
+    torch._inductor.config.deterministic = deterministic
+
+
+def test_compiled_training_compiles_one_static_graph_in_the_first_epoch_only(cifar10_dir, tmp_path, monkeypatch,
+                                                                            fresh_dynamo):
+    backend = RecordingBackend(monkeypatch)
     # 200 images in batches of 64: three full batches and a last one of 8, every epoch
     args = tiny_args(cifar10_dir, tmp_path, "--compile", "--device", "cpu", epochs=3, subset=200)
+    assert train.main("cifar10", args) == 0
+    # The full batch alone: the last batch of 8 runs on the uncompiled network, in every epoch.
+    assert backend.graphs == [{"epoch": 1, "dynamic": False, "batch": [64], "deterministic": False}]
+
+
+def test_the_last_smaller_batch_still_trains_and_the_figures_match_an_uncompiled_run(cifar10_dir, tmp_path,
+                                                                                    monkeypatch, fresh_dynamo):
+    RecordingBackend(monkeypatch)  # runs each graph as traced: the same arithmetic as eager mode on the CPU
+    args = tiny_args(cifar10_dir, tmp_path, "--device", "cpu", epochs=2, subset=200)
+    assert train.main("cifar10", [*args, "--compile", "--tag", "compiled"]) == 0
+    assert train.main("cifar10", [*args, "--tag", "eager"]) == 0
+    compiled = read_metrics(tmp_path / "cifar10" / "cnn_base-compiled")
+    eager = read_metrics(tmp_path / "cifar10" / "cnn_base-eager")
+    columns = ("train_loss", "train_acc", "val_loss", "val_acc")
+    for with_compile, without in zip(compiled, eager, strict=True):
+        assert [float(with_compile[name]) for name in columns] == pytest.approx(
+            [float(without[name]) for name in columns], rel=1e-5, abs=1e-6)
+
+
+def test_deterministic_compile_sets_inductors_own_deterministic_mode(cifar10_dir, tmp_path, monkeypatch,
+                                                                    fresh_dynamo, keep_global_torch_settings):
+    backend = RecordingBackend(monkeypatch)
+    # torch 2.14's use_deterministic_algorithms sets Inductor's switch too; older ones (requirements.txt allows
+    # them) do not, and the run must set it itself.
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, warn_only=False:
+                        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only))
+    args = tiny_args(cifar10_dir, tmp_path, "--compile", "--deterministic", "--device", "cpu", epochs=1, subset=128)
+    assert train.main("cifar10", args) == 0
+    assert [graph["deterministic"] for graph in backend.graphs] == [True]
+
+
+def test_sync_bn_with_compile_is_refused_in_one_line(cifar10_dir, tmp_path, capsys):
+    args = tiny_args(cifar10_dir, tmp_path, "--compile", "--sync-bn", "--device", "cpu", epochs=1, subset=128)
+    assert train.main("cifar10", args) == 2
+    lines = message_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "--sync-bn and --compile" in lines[0] and "drop one" in lines[0]
+    assert not (tmp_path / "cifar10").exists()
+
+
+def test_a_resumed_sync_bn_run_refuses_compile(cifar10_dir, tmp_path, capsys):
+    args = tiny_args(cifar10_dir, tmp_path, "--device", "cpu", epochs=1, subset=128)
+    assert train.main("cifar10", [*args, "--sync-bn"]) == 0
+    before = (tmp_path / "cifar10" / "cnn_base" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert train.main("cifar10", [*args, "--resume", "--epochs", "2", "--compile"]) == 2
+    assert "--sync-bn and --compile" in capsys.readouterr().err
+    assert (tmp_path / "cifar10" / "cnn_base" / "last.pt").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------
+# Precision by the GPU's compute capability
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16"), ((12, 0), "bf16")])
+def test_auto_precision_is_bf16_from_compute_capability_8_and_fp16_with_the_scaler_below(monkeypatch, capability,
+                                                                                         expected):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    name, dtype = devices.resolve_amp("auto", torch.device("cuda", 0))
+    assert name == expected and dtype == devices.AMP_DTYPES[expected]
+    for typed in devices.AMP_CHOICES[1:]:  # --amp typed wins whatever the GPU
+        assert devices.resolve_amp(typed, torch.device("cuda", 0)) == (typed, devices.AMP_DTYPES[typed])
+    assert devices.resolve_amp("auto", torch.device("cpu")) == ("off", None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# torchrun: the process group's timeout, DDP's buckets, and a sweep's share of the cores
+
+
+def test_the_process_group_waits_as_long_as_dist_timeout_says(monkeypatch):
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **options: seen.update(options))
+    processes.start_processes("cpu", False, 90.0)
+    assert seen["timeout"] == datetime.timedelta(minutes=90)
+    default = cli.build_parser("cifar10").parse_args([]).dist_timeout
+    processes.start_processes("cpu", False, default)
+    assert seen["timeout"] >= datetime.timedelta(minutes=30)  # NCCL's own 10 minutes is too short for a download
+
+
+def test_ddp_keeps_the_gradients_in_its_buckets(monkeypatch, tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
-        assert train.main("cifar10", args) == 0
+        run = SimpleNamespace(
+            recipe=cli.Recipe(lr=0.1, model="cnn_base", sync_bn=False), channels_last=False, amp_dtype=None,
+            procs=processes.Processes(True, 0, 1, 0, torch.device("cpu")),
+            config=SimpleNamespace(settings=cli.Settings(compile=False)))
+        training = train.build_training(run, 10, 4)
+        assert isinstance(training.net, torch.nn.parallel.DistributedDataParallel)
+        assert training.net.gradient_as_bucket_view
     finally:
-        torch._dynamo.reset()
-    assert compiled, "nothing was compiled"
-    assert {epoch for epoch, _ in compiled} == {1}, compiled  # the full batch and the last one, then never again
-    assert not any(dynamic for _, dynamic in compiled), "a graph with a dynamic batch size was compiled"
+        processes.end_processes()
+
+
+@pytest.mark.parametrize("gpus, cores, share", [(8, 64, "8"), (8, 4, "1"), (1, 16, "16")])
+def test_each_sweep_worker_gets_its_share_of_the_cores_for_math_and_for_compiling(monkeypatch, gpus, cores, share):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(name, raising=False)
+    environments = sweep.worker_environments(SimpleNamespace(workers=None, gpus=None))
+    assert len(environments) == gpus
+    for env in environments.values():
+        assert env["OMP_NUM_THREADS"] == share and env["TORCHINDUCTOR_COMPILE_THREADS"] == share
+    monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")  # what the user set is kept
+    cpu_workers = sweep.worker_environments(SimpleNamespace(workers=2, gpus=None))
+    assert {env["TORCHINDUCTOR_COMPILE_THREADS"] for env in cpu_workers.values()} == {"3"}
+    assert {env["OMP_NUM_THREADS"] for env in cpu_workers.values()} == {str(max(1, cores // 2))}

@@ -109,8 +109,9 @@ def test_an_fp16_step_leaves_the_inf_check_on_the_device(device):
     assert fp16.optimizer.defaults["fused"] is True
 
 
-def test_only_fp16_changes_the_optimizer():
-    """Fused SGD rounds differently; the other precisions keep torch's default SGD, and their numbers."""
+def test_on_the_cpu_only_fp16_changes_the_optimizer():
+    """Fused SGD rounds differently; on the CPU the other precisions keep torch's default SGD, and their numbers
+    (CUDA takes the fused one in every precision: test_host_work.py)."""
     for amp_dtype in (None, torch.bfloat16):
         assert tiny_optimization("cpu", amp_dtype)[1].optimizer.defaults["fused"] is None
 
