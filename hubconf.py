@@ -15,7 +15,7 @@ from torch import nn as _nn
 
 from model import MODELS as _MODELS
 from model import build_model as _build_model
-from trained_net import load_trained as _load_trained
+from serving.trained_net import load_trained as _load_trained
 
 dependencies = ["torch"]
 

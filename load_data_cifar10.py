@@ -1,11 +1,11 @@
 """CIFAR-10 (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 60,000 32x32 colour images in 10
-classes. Only its file names and label keys are its own; reading is shared with CIFAR-100 in cifar.py.
+classes. Only its file names and label keys are its own; reading is shared with CIFAR-100 in cifar/dataset_files.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from cifar import CifarData, CifarSpec, load_cifar
+from cifar.dataset_files import CifarData, CifarSpec, load_cifar
 
 NUM_CLASSES = 10
 

@@ -1,12 +1,12 @@
 """CIFAR-100 (Krizhevsky 2009, https://www.cs.toronto.edu/~kriz/cifar.html): 60,000 32x32 colour images in 100
 fine classes grouped into 20 coarse ones. Only its file names and label keys are its own; reading is shared
-with CIFAR-10 in cifar.py.
+with CIFAR-10 in cifar/dataset_files.py.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from cifar import CifarData, CifarSpec, load_cifar
+from cifar.dataset_files import CifarData, CifarSpec, load_cifar
 
 NUM_CLASSES = 100
 NUM_COARSE_CLASSES = 20

@@ -4,9 +4,9 @@
     python plot.py results/cifar10                # summary.md, summary.csv, comparison.png
     python plot.py results                        # the same for every dataset folder
 
-Also writes the HTML pages of a dataset folder and of the results root (report.py). Run folders
-are read through runs.py, the module that writes them. A run draws its curves with plot_curves() in
-a process of its own as it trains (recording.py), so importing this module must stay cheap: no torch
+Also writes the HTML pages of a dataset folder and of the results root (reports/pages.py). Run folders
+are read through runfolder/store.py, the module that writes them. A run draws its curves with plot_curves() in
+a process of its own as it trains (training/recording.py), so importing this module must stay cheap: no torch
 here (the model registry is imported lazily, only to order summary rows and colour families).
 Figures are drawn on matplotlib.figure.Figure objects with the Agg canvas and never through
 pyplot, so nothing needs a display and no figure outlives the call that drew it.
@@ -25,11 +25,21 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-import report
-import runs
-from errors import RunFailed, UsageError, run_command
+from core.errors import RunFailed, UsageError, run_command
 from model import MODELS
-from run_files import (
+from reports import pages
+from reports.summary import (
+    SUMMARY_CSV_COLUMNS,
+    count_text,
+    group_runs,
+    pretty_dataset,
+    read_runs,
+    recipe_text,
+    summary_csv,
+    summary_markdown,
+)
+from runfolder import store
+from runfolder.declarations import (
     COMPARISON_FILE,
     CONFIG_FILE,
     CURVES_FILE,
@@ -41,16 +51,6 @@ from run_files import (
     Summary,
     as_number,
     read_metrics,
-)
-from summary import (
-    SUMMARY_CSV_COLUMNS,
-    count_text,
-    group_runs,
-    pretty_dataset,
-    read_runs,
-    recipe_text,
-    summary_csv,
-    summary_markdown,
 )
 
 # The colour map of each model family (every family of the registry has one; a test checks it), and of
@@ -77,7 +77,7 @@ class PlotError(UsageError):
 
 def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
     FigureCanvasAgg(figure)
-    runs.write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
+    store.write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +88,8 @@ def plot_curves(run_dir: str | Path) -> Path:
     """Draw <run_dir>/curves.png (loss and accuracy per epoch) from metrics.csv; return its path."""
     run_dir = Path(run_dir)
     metrics = read_metrics(run_dir / METRICS_FILE)
-    config = runs.read_json(run_dir / CONFIG_FILE) or {}
-    summary = runs.read_record(run_dir / SUMMARY_FILE, Summary)
+    config = store.read_json(run_dir / CONFIG_FILE) or {}
+    summary = store.read_record(run_dir / SUMMARY_FILE, Summary)
     epochs = metrics["epoch"]
     run_name = run_dir.name
     if "model" in config:
@@ -277,10 +277,10 @@ def summarize_dataset(dataset_dir: str | Path, index_link: bool | None = None) -
     if not records:
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
     rows = group_runs(records, model_names)
-    runs.write_text(dataset_dir / SUMMARY_CSV_FILE, summary_csv(rows))
-    runs.write_text(dataset_dir / SUMMARY_MD_FILE, summary_markdown(dataset_dir.name, rows))
+    store.write_text(dataset_dir / SUMMARY_CSV_FILE, summary_csv(rows))
+    store.write_text(dataset_dir / SUMMARY_MD_FILE, summary_markdown(dataset_dir.name, rows))
     plot_comparison(dataset_dir.name, rows, dataset_dir / COMPARISON_FILE)
-    report.write_dataset_page(dataset_dir, rows, index_link)
+    pages.write_dataset_page(dataset_dir, rows, index_link)
     return [{column: row[column] for column in SUMMARY_CSV_COLUMNS} for row in rows]
 
 
@@ -314,7 +314,7 @@ def plot_path(path: Path) -> int:
             print(path / SUMMARY_MD_FILE)
         else:
             print(summarize_results(path))
-    except runs.WriteFailed as err:
+    except store.WriteFailed as err:
         raise RunFailed(f"{err}; the files written before are complete; free space and run it again") from None
     return 0
 
@@ -331,10 +331,10 @@ def summarize_results(path: Path) -> Path:
             summaries[dataset_dir] = summarize_dataset(dataset_dir, index_link=True)
             print(dataset_dir / SUMMARY_MD_FILE)
         except PlotError as err:
-            runs.warn(str(err))
+            store.warn(str(err))
     if not summaries:
         raise PlotError(f"{path}: no dataset folder had a usable run")
-    return report.write_index(path, summaries)
+    return pages.write_index(path, summaries)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,8 @@ from pathlib import Path
 
 import torch
 
-import cli
 import plot
-import runs
-import slurm
-from errors import (
+from core.errors import (
     FAILED_EXIT,
     IN_USE_EXIT,
     INTERRUPTED_EXIT,
@@ -49,8 +46,11 @@ from errors import (
     run_command,
 )
 from model import MODELS, models_in
-from run_files import METRICS_FILE, SUMMARY_FILE
+from runfolder import store
+from runfolder.declarations import METRICS_FILE, SUMMARY_FILE
+from sweeps import slurm
 from train import DATASETS
+from training import flags
 
 REPO_ROOT = Path(__file__).resolve().parent
 PLAN_FILE = "runs.txt"
@@ -58,7 +58,7 @@ MAX_ATTEMPTS = 2  # a failed run is tried once more, then the workers go on with
 POLL_SECONDS = 2.0  # how often a worker with nothing to claim looks again (runs held by another process)
 SET_ASIDE = {"model", "seed"}  # recipe flags the sweep's own axes set (--models, --seeds)
 # Run flags the sweep sets itself, or that are not a training run.
-NOT_FOR_RUNS = {"model", "seed", "tag", "resume", "overwrite", "auto_resume", *cli.COMMAND_FLAGS}
+NOT_FOR_RUNS = {"model", "seed", "tag", "resume", "overwrite", "auto_resume", *flags.COMMAND_FLAGS}
 STOPPED_CODES = (STOPPED_EXIT, INTERRUPTED_EXIT, TERMINATED_EXIT)
 
 
@@ -75,7 +75,7 @@ class PlannedRun:
 
     @property
     def folder(self) -> Path:
-        return runs.run_folder(self.flags.results_dir, self.dataset, self.flags.model, self.flags.tag)
+        return store.run_folder(self.flags.results_dir, self.dataset, self.flags.model, self.flags.tag)
 
     @property
     def name(self) -> str:
@@ -93,12 +93,12 @@ def parse_run_flags(dataset: str, argv: list[str], what: str):
     refusal = io.StringIO()
     try:
         with contextlib.redirect_stderr(refusal):
-            flags = cli.build_parser(dataset).parse_args(argv)
+            parsed = flags.build_parser(dataset).parse_args(argv)
     except SystemExit:
         reason = refusal.getvalue().strip().removeprefix("error: ").removesuffix(" (see --help)")
         raise UsageError(f"{what}: {reason}") from None
-    cli.check_flags(flags, DATASETS[dataset][1].train_size)
-    return flags
+    flags.check_flags(parsed, DATASETS[dataset][1].train_size)
+    return parsed
 
 
 def expand_models(selections: list[str]) -> list[str]:
@@ -120,10 +120,10 @@ def parse_sets(sets: list[str]) -> list[tuple[str, list[str]]]:
         key, _, values = text.partition("=")
         key = key.strip().removeprefix("--").replace("-", "_")
         if key in SET_ASIDE:
-            raise UsageError(f"--set {text}: {cli.option(key)} is set by --{key}s; use that")
-        if key not in cli.RECIPE_FLAGS or not values:
+            raise UsageError(f"--set {text}: {flags.option(key)} is set by --{key}s; use that")
+        if key not in flags.RECIPE_FLAGS or not values:
             raise UsageError(f"--set {text}: expected KEY=V1,V2 with KEY one of the recipe flags "
-                             f"({', '.join(name for name in cli.RECIPE_FLAGS if name not in SET_ASIDE)})")
+                             f"({', '.join(name for name in flags.RECIPE_FLAGS if name not in SET_ASIDE)})")
         parsed.append((key, [value.strip() for value in values.split(",")]))
     return parsed
 
@@ -131,26 +131,26 @@ def parse_sets(sets: list[str]) -> list[tuple[str, list[str]]]:
 def set_flag(dataset: str, key: str, value: str) -> list[str]:
     """One --set value as main_<dataset>.py flags: on/off for an on/off flag, else `--key value`, checked by
     the flag's own type and choices."""
-    spec = next(spec for spec in dataclasses.fields(cli.Recipe) if spec.name == key)
+    spec = next(spec for spec in dataclasses.fields(flags.Recipe) if spec.name == key)
     if spec.metadata["argparse"].get("action") == "store_true":
         if value not in ("on", "off"):
-            raise UsageError(f"--set {key}={value}: {cli.option(key)} takes on or off")
-        return [cli.option(key)] if value == "on" else []
-    parse_run_flags(dataset, [cli.option(key), value], f"--set {key}={value}")
-    return [cli.option(key), value]
+            raise UsageError(f"--set {key}={value}: {flags.option(key)} takes on or off")
+        return [flags.option(key)] if value == "on" else []
+    parse_run_flags(dataset, [flags.option(key), value], f"--set {key}={value}")
+    return [flags.option(key), value]
 
 
 def make_plan(args, run_flags: list[str]) -> list[PlannedRun]:
     """Every run in a fixed order (dataset, model, --set values, seed), each checked by main_<dataset>.py's
     parser as it will run; UsageError for the first that would be refused."""
     sets, models = parse_sets(args.set or []), expand_models(args.models)
-    refused = cli.flags_given(run_flags) & NOT_FOR_RUNS
+    refused = flags.flags_given(run_flags) & NOT_FOR_RUNS
     if refused:
-        raise UsageError(f"flags after --: {', '.join(sorted(cli.option(name) for name in refused))} "
+        raise UsageError(f"flags after --: {', '.join(sorted(flags.option(name) for name in refused))} "
                          "cannot be given to every run (the sweep sets the model, seed, tag and resuming)")
-    both = cli.flags_given(run_flags) & {key for key, _ in sets}
+    both = flags.flags_given(run_flags) & {key for key, _ in sets}
     if both:
-        raise UsageError(f"{cli.option(sorted(both)[0])} is given both by --set and after --; give it once")
+        raise UsageError(f"{flags.option(sorted(both)[0])} is given both by --set and after --; give it once")
     plan, folders = [], set()
     for dataset, model in itertools.product(args.datasets, models):
         for values in itertools.product(*(values for _, values in sets)):
@@ -159,8 +159,8 @@ def make_plan(args, run_flags: list[str]) -> list[PlannedRun]:
                 extra = [flag for (key, _), value in zip(sets, values) for flag in set_flag(dataset, key, value)]
                 argv = ["--model", model, "--seed", str(seed), *extra, "--tag", "-".join(parts),
                         "--auto-resume", "--no-progress", *run_flags]
-                flags = parse_run_flags(dataset, argv, f"run {dataset} {model} {'-'.join(parts)}")
-                planned = PlannedRun(len(plan), dataset, tuple(argv), flags)
+                parsed = parse_run_flags(dataset, argv, f"run {dataset} {model} {'-'.join(parts)}")
+                planned = PlannedRun(len(plan), dataset, tuple(argv), parsed)
                 if planned.folder in folders:
                     raise UsageError(f"{planned.name} is in the plan twice; give each seed and value once")
                 folders.add(planned.folder)
@@ -175,7 +175,7 @@ def read_plan(folder: Path) -> list[PlannedRun]:
         command = shlex.split(line)
         dataset = Path(command[1]).stem.removeprefix("main_")
         plan.append(PlannedRun(index, dataset, tuple(command[2:]),
-                               cli.build_parser(dataset).parse_args(command[2:])))
+                               flags.build_parser(dataset).parse_args(command[2:])))
     return plan
 
 
@@ -210,7 +210,7 @@ def write_plan(folder: Path, plan: list[PlannedRun], overwrite: bool) -> None:
     for sub in ("claims", "records", "logs"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     if not path.is_file() or path.read_text() != text:
-        runs.write_text(path, text)
+        store.write_text(path, text)
 
 
 def log_path(folder: Path, run: PlannedRun) -> Path:
@@ -218,7 +218,7 @@ def log_path(folder: Path, run: PlannedRun) -> Path:
 
 
 def read_record(folder: Path, run: PlannedRun) -> dict:
-    return runs.read_json(folder / "records" / f"{run.index}.json") or {}
+    return store.read_json(folder / "records" / f"{run.index}.json") or {}
 
 
 def last_error_line(log: Path, offset: int) -> str:
@@ -239,7 +239,7 @@ def is_done(run: PlannedRun) -> bool:
 def is_running(run: PlannedRun) -> bool:
     """Whether a process holds the run's folder (trains in it)."""
     try:
-        runs.refuse_if_in_use(run.folder)
+        store.refuse_if_in_use(run.folder)
     except FolderInUse:
         return True
     return False
@@ -324,7 +324,7 @@ def run_one(workers: Workers, run: PlannedRun, name: str, env: dict) -> int:
     # Whatever ends a run while the sweep stops (SIGUSR1 may even come before the run could handle it) is a
     # stop, not a failure: the run resumes when the sweep is started again.
     stopped = code != 0 and workers.stopping.is_set()
-    runs.write_json(workers.folder / "records" / f"{run.index}.json",
+    store.write_json(workers.folder / "records" / f"{run.index}.json",
                     {"run": str(run.folder), "exit": code, "error": error, "stopped": stopped, "worker": name,
                      "seconds": round(time.monotonic() - started, 1)})
     say(f"[{name}] {describe_exit(STOPPED_EXIT if stopped else code, error)}: {run.index + 1}/{len(workers.plan)} "
@@ -433,7 +433,7 @@ def status_table(plan: list[PlannedRun], folder: Path) -> str:
     lines = ["| # | run | state | epochs | test acc | note |", "|---:|---|---|---:|---:|---|"]
     for run in plan:
         state, note = run_state(run, read_record(folder, run), queued)
-        summary = runs.read_json(run.folder / SUMMARY_FILE) if state == "done" else None
+        summary = store.read_json(run.folder / SUMMARY_FILE) if state == "done" else None
         metrics = run.folder / METRICS_FILE
         epochs = max(0, len(metrics.read_text().splitlines()) - 1) if metrics.is_file() else 0
         accuracy = f"{summary['final_test_acc']:.4f}" if summary and "final_test_acc" in summary else ""
@@ -457,19 +457,19 @@ def show_status(name: str, run_flags: list[str]) -> int:
 # The command line
 
 
-def build_parser() -> cli.OneLineParser:
-    parser = cli.OneLineParser(prog="sweep.py", description="Run every model x dataset x seed x --set value "
+def build_parser() -> flags.OneLineParser:
+    parser = flags.OneLineParser(prog="sweep.py", description="Run every model x dataset x seed x --set value "
                                "with --auto-resume, on this machine's GPUs or CPU, or as a SLURM job array.")
     add = parser.add_argument
-    add("--name", type=cli.tag_text, help="the sweep's name: its folder is <results-dir>/sweeps/<name>/")
-    add("--status", type=cli.tag_text, metavar="NAME", help="print a table of every run of sweep NAME and exit")
+    add("--name", type=flags.tag_text, help="the sweep's name: its folder is <results-dir>/sweeps/<name>/")
+    add("--status", type=flags.tag_text, metavar="NAME", help="print a table of every run of sweep NAME and exit")
     add("--datasets", nargs="+", choices=list(DATASETS), default=["cifar10"], help="[cifar10]")
     add("--models", nargs="+", default=["cnn_base"], help="model names, all, course or a family [cnn_base]")
-    add("--seeds", nargs="+", type=cli.count(0, cli.MAX_SEED), default=[0], help="[0]")
+    add("--seeds", nargs="+", type=flags.count(0, flags.MAX_SEED), default=[0], help="[0]")
     add("--set", action="append", metavar="KEY=V1,V2", help="a recipe flag's values to sweep, e.g. lr=0.1,0.05")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--gpus", type=gpu_list, help="GPUs to use, one worker each [every visible GPU]")
-    where.add_argument("--workers", type=cli.count(1, 256), help="N worker processes on the CPU")
+    where.add_argument("--workers", type=flags.count(1, 256), help="N worker processes on the CPU")
     add("--dry-run", action="store_true", help="print the plan and stop, writing nothing")
     add("--overwrite", action="store_true", help="replace the sweep's plan when it differs")
     slurm.add_flags(parser)

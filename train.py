@@ -1,10 +1,10 @@
 """The one training loop behind main_cifar10.py and main_cifar100.py.
 
-Reads top to bottom: main() dispatches the command line (cli.py), then the stages of a run in order
+Reads top to bottom: main() dispatches the command line (training/flags.py), then the stages of a run in order
 (processes and device, folder and configuration, data, model and optimization, what was saved), the epoch
-loop (train with optimization.py's step, validate, record) and the end-of-run tests. Every file goes through
-runs.py into results/<dataset>/<model>[-<tag>]/ as run_files.py declares it; last.pt holds everything needed
-to continue exactly where the run stopped.
+loop (train with training/optimization.py's step, validate, record) and the end-of-run tests. Every file goes
+through runfolder/store.py into results/<dataset>/<model>[-<tag>]/ as runfolder/declarations.py declares it;
+last.pt holds everything needed to continue exactly where the run stopped.
 
 Under torchrun (RANK in the environment) the same loop runs with DistributedDataParallel: each rank trains
 on its share of every global batch, and only rank 0 prints and writes.
@@ -24,20 +24,19 @@ import numpy as np
 import torch
 from torch import nn
 
-import cli
 import load_data_cifar10
 import load_data_cifar100
 import plot
-import run_files
-import runs
-import stopping
-import tensorboard_log
-from devices import resolve_amp, synchronize, torchvision_version
-from errors import RunFailed, UsageError, run_command
-from evaluation import evaluate, evaluate_checkpoint, predict_images, rates
+from core.errors import RunFailed, UsageError, run_command
 from model import build_model, count_flops, count_parameters, describe_model, format_flops, models_in
-from optimization import EpochSums, Optimization, make_optimization
-from processes import (
+from runfolder import declarations, store, tensorboard_events
+from runfolder.declarations import EpochMetrics, LastCheckpoint, RunFacts, Summary
+from training import flags, stopping
+from training.dataset import Data, load_data
+from training.devices import resolve_amp, synchronize, torchvision_version
+from training.evaluation import evaluate, evaluate_checkpoint, predict_images, rates
+from training.optimization import EpochSums, Optimization, make_optimization
+from training.processes import (
     Processes,
     all_reduce_sum,
     broadcast_buffers,
@@ -48,9 +47,7 @@ from processes import (
     start_processes,
     stop_together,
 )
-from recording import Output, completed_log, timings
-from run_data import Data, load_data
-from run_files import EpochMetrics, LastCheckpoint, RunFacts, Summary
+from training.recording import Output, completed_log, timings
 
 # What differs between the datasets is data: how to load one and how many classes it has.
 DATASETS = {"cifar10": (load_data_cifar10.load_cifar10, load_data_cifar10.CIFAR10),
@@ -61,7 +58,7 @@ DIVERGENCE_CHECK_STEPS = 50  # how often the loop reads the loss back from the d
 def main(dataset: str, argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = cli.build_parser(dataset).parse_args(argv)
+        args = flags.build_parser(dataset).parse_args(argv)
     except SystemExit as done:  # --help, or a bad flag already reported in one line
         return done.code
     try:
@@ -84,7 +81,7 @@ def command(args, dataset: str, argv: list[str]) -> int:
     if args.summary:
         print(describe_model(args.model, spec.num_classes))
         return 0
-    cli.check_flags(args, spec.train_size)
+    flags.check_flags(args, spec.train_size)
     if args.eval_only:
         return evaluate_checkpoint(args, dataset, load_dataset, spec.num_classes)
     if args.predict:
@@ -101,7 +98,7 @@ def command(args, dataset: str, argv: list[str]) -> int:
 class Run:
     """A run's configuration and where and how it computes, fixed once the first stages have run."""
 
-    config: cli.RunConfig
+    config: flags.RunConfig
     procs: Processes
     folder: Path
     amp_name: str
@@ -109,30 +106,30 @@ class Run:
     channels_last: bool
 
     @property
-    def recipe(self) -> cli.Recipe:
+    def recipe(self) -> flags.Recipe:
         return self.config.recipe
 
 
 def open_run(args, dataset: str, argv: list[str],
-             procs: Processes) -> tuple[cli.RunConfig, LastCheckpoint | None, tuple]:
+             procs: Processes) -> tuple[flags.RunConfig, LastCheckpoint | None, tuple]:
     """The run's configuration (on --resume the recipe comes from its last.pt), that last.pt, and the state
     of the folder's files as checked (compared again once the folder is locked)."""
-    given = cli.flags_given(argv)
-    typed = cli.with_recipe_defaults(cli.typed_recipe(args), given)
-    run_dir = runs.run_folder(args.results_dir, dataset, args.model, args.tag)
+    given = flags.flags_given(argv)
+    typed = flags.with_recipe_defaults(flags.typed_recipe(args), given)
+    run_dir = store.run_folder(args.results_dir, dataset, args.model, args.tag)
 
-    def check() -> tuple[LastCheckpoint | None, cli.Recipe]:
-        runs.refuse_if_in_use(run_dir, stopping.in_use_exit(args))
-        saved = runs.check_run_folder(run_dir, args.resume, args.overwrite)
-        return saved, typed if saved is None else cli.resume_recipe(typed, given, saved.config, dataset)
+    def check() -> tuple[LastCheckpoint | None, flags.Recipe]:
+        store.refuse_if_in_use(run_dir, stopping.in_use_exit(args))
+        saved = store.check_run_folder(run_dir, args.resume, args.overwrite)
+        return saved, typed if saved is None else flags.resume_recipe(typed, given, saved.config, dataset)
 
     checkpoint, recipe = rank0_then_share(procs, check) or (None, None)
-    recipe = cli.Recipe(**share_from_rank0(procs, dataclasses.asdict(recipe) if recipe else None))
+    recipe = flags.Recipe(**share_from_rank0(procs, dataclasses.asdict(recipe) if recipe else None))
     if args.resume and not procs.master:  # the folder is on every node
-        checkpoint = runs.check_run_folder(run_dir, True, False)
-    config = cli.RunConfig(cli.with_default_lr(recipe), cli.settings_of(args), dataset,
+        checkpoint = store.check_run_folder(run_dir, True, False)
+    config = flags.RunConfig(flags.with_default_lr(recipe), flags.settings_of(args), dataset,
                            " ".join([f"main_{dataset}.py", *argv]))
-    return config, checkpoint, runs.folder_state(run_dir)
+    return config, checkpoint, store.folder_state(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,10 +233,10 @@ def restore(checkpoint: LastCheckpoint | None, training: Training, run: Run) -> 
     # run without fp16 saved nothing, and one the new precision does not use is not restored.
     if scaler.is_enabled() and checkpoint.scaler:
         scaler.load_state_dict(checkpoint.scaler)
-    runs.set_rng_state(checkpoint.rng, run.procs.device)
-    log_path = run.folder / run_files.LOG_FILE
+    store.set_rng_state(checkpoint.rng, run.procs.device)
+    log_path = run.folder / declarations.LOG_FILE
     log_lines = log_path.read_text().splitlines() if log_path.exists() else []
-    history = [run_files.complete_row(row) for row in checkpoint.history]
+    history = [declarations.complete_row(row) for row in checkpoint.history]
     log_lines = completed_log(log_lines, history, checkpoint.config.get("epochs", checkpoint.epoch))
     return Progress(history, checkpoint.best, checkpoint.epoch, log_lines)
 
@@ -254,7 +251,7 @@ def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> Non
         say(f"Finishing {run.folder}: its {progress.start_epoch} epochs are saved, its end-of-run tests not")
     elif resumed:
         say(f"Resuming {run.folder} at epoch {progress.start_epoch + 1}/{recipe.epochs}")
-    elif run.config.settings.overwrite and (run.folder / run_files.METRICS_FILE).exists():
+    elif run.config.settings.overwrite and (run.folder / declarations.METRICS_FILE).exists():
         say(f"--overwrite: starting {run.folder} over; the previous run there is replaced")
     if config["validation"] == "test":
         say("Validation uses the test set (--val-size 0, as the course code did): the best epoch "
@@ -263,9 +260,9 @@ def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> Non
     say(f"{recipe.model} on {run.config.dataset}: {config['parameters']:,} parameters, "
         f"{format_flops(config['flops'])}FLOPs, device {config['device']}{world}, amp {config['amp']}, "
         f"{config['train_images']} training and {config['val_images']} validation images")
-    runs.write_json(run.folder / run_files.CONFIG_FILE, config)
+    store.write_json(run.folder / declarations.CONFIG_FILE, config)
     if resumed:
-        runs.write_metrics(run.folder / run_files.METRICS_FILE, progress.history)
+        store.write_metrics(run.folder / declarations.METRICS_FILE, progress.history)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,8 +274,8 @@ def train(args, dataset: str, argv: list[str]) -> int:
     args = stopping.auto_resume(args, dataset)  # --resume when the folder holds a last.pt
     config, checkpoint, folder_state = open_run(args, dataset, argv, procs)
     recipe = config.recipe
-    run_dir = runs.run_folder(config.settings.results_dir, dataset, recipe.model, config.settings.tag)
-    if checkpoint is not None and checkpoint.epoch >= recipe.epochs and (run_dir / run_files.SUMMARY_FILE).exists():
+    run_dir = store.run_folder(config.settings.results_dir, dataset, recipe.model, config.settings.tag)
+    if checkpoint is not None and checkpoint.epoch >= recipe.epochs and (run_dir / declarations.SUMMARY_FILE).exists():
         if procs.master:
             print(f"{run_dir} already finished its {checkpoint.epoch} epochs; pass a larger "
                   "--epochs with --resume to train further")
@@ -299,7 +296,7 @@ def train(args, dataset: str, argv: list[str]) -> int:
     facts = run_facts(run, spec.num_classes, data, training)
     progress = restore(checkpoint, training, run)
     output = Output(run_dir, {**config.flags(), **facts.to_dict()},
-                    runs.make_logger(procs.master, run_dir, progress.log_lines), progress.start_epoch)
+                    store.make_logger(procs.master, run_dir, progress.log_lines), progress.start_epoch)
     if checkpoint is not None and checkpoint.config.get("amp", amp_name) != amp_name:
         output.notes.append(f"--amp changed from {checkpoint.config.get('amp')} to {amp_name} on resume: "
                             "the loss scaler starts afresh")
@@ -313,25 +310,25 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
     try:
         if run.procs.master:
             # Held until this process ends; taken only now, so that every refusal above wrote nothing.
-            lock = runs.lock_run_folder(run.folder, stopping.in_use_exit(run.config.settings))
-            runs.check_unchanged(run.folder, folder_state)
-            runs.remove_stale_temp_files(run.folder)
+            lock = store.lock_run_folder(run.folder, stopping.in_use_exit(run.config.settings))
+            store.check_unchanged(run.folder, folder_state)
+            store.remove_stale_temp_files(run.folder)
             announce(run, progress, output, resumed)
             if run.config.settings.tensorboard:
-                output.epoch_log = tensorboard_log.EpochLog(run.folder, progress.history)
+                output.epoch_log = tensorboard_events.EpochLog(run.folder, progress.history)
         for epoch in range(progress.start_epoch + 1, run.recipe.epochs + 1):
             run_epoch(run, data, training, progress, output, epoch)
             stopping.stop_if_asked(run.procs, output, epoch, run.recipe.epochs)  # SIGUSR1
         if run.procs.master:
             finish(run, data, training, progress, output)
-    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, or SIGUSR1 after an epoch (stopping.py)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, or SIGUSR1 after an epoch (training/stopping.py)
         if run.procs.master:
             output.settle()  # the epoch being saved is saved (or its failure kept nothing new)
             print(stopping.stopped_line(stop, run.folder, output.saved_epochs, run.config.settings.auto_resume),
                   file=sys.stderr)
         return stopping.exit_code_of(stop)
-    except runs.WriteFailed as err:
-        raise RunFailed(f"{err}; {runs.what_is_kept(run.folder, output.saved_epochs)}") from None
+    except store.WriteFailed as err:
+        raise RunFailed(f"{err}; {store.what_is_kept(run.folder, output.saved_epochs)}") from None
     finally:
         output.settle()
         if output.epoch_log is not None:
@@ -406,7 +403,7 @@ def record_epoch(run: Run, training: Training, progress: Progress, output: Outpu
     if run.procs.master:
         try:
             output.save_epoch(run, training, progress, recorded, new_best)
-        except runs.WriteFailed as err:  # the previous epoch's
+        except store.WriteFailed as err:  # the previous epoch's
             failure = err
     stop_together(run.procs, failure)
 
@@ -418,7 +415,7 @@ def check_divergence(run: Run, first_bad_step: torch.Tensor, epoch: int, saved_e
     bad = int(flag.item())
     if bad >= 0:
         raise RunFailed(f"the loss became NaN or infinite at epoch {epoch}, step {bad}; "
-                        f"{run.folder / run_files.LAST_CHECKPOINT} keeps the last good epoch ({saved_epochs}); "
+                        f"{run.folder / declarations.LAST_CHECKPOINT} keeps the last good epoch ({saved_epochs}); "
                         f"try a lower --lr than {run.recipe.lr} with --overwrite")
 
 
@@ -439,7 +436,7 @@ def finish(run: Run, data: Data, training: Training, progress: Progress, output:
     raw_net = training.raw_net
     test_batches = data.test_batches()
     final = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
-    raw_net.load_state_dict(runs.load_checkpoint(run.folder / run_files.BEST_CHECKPOINT)["model"])
+    raw_net.load_state_dict(store.load_checkpoint(run.folder / declarations.BEST_CHECKPOINT)["model"])
     best_test = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
     history, best = [EpochMetrics.from_row(row) for row in progress.history], progress.best
     summary = Summary(
@@ -449,13 +446,13 @@ def finish(run: Run, data: Data, training: Training, progress: Progress, output:
         final_val_acc=history[-1].val_acc, test_acc=best_test.acc, test_top5=best_test.top5,
         test_loss=best_test.loss, final_test_acc=final.acc, final_test_top5=final.top5,
         final_test_loss=final.loss, validation=data.validation, **timings(history))
-    runs.write_text(run.folder / run_files.SUMMARY_FILE, run_files.json_text(summary))
+    store.write_text(run.folder / declarations.SUMMARY_FILE, declarations.json_text(summary))
     try:
         plot.plot_curves(run.folder)  # once more, now that the title can carry the test accuracy
         output.say(f"Test accuracy: {summary.final_test_acc:.4f} (final weights), "
                    f"{summary.test_acc:.4f} (best.pt, epoch {best['epoch']})")
         output.say("Model Saved")
-    except runs.WriteFailed:
+    except store.WriteFailed:
         # summary.json marks a finished run; without it, the --resume the error asks for finishes it again
-        runs.remove_file(run.folder / run_files.SUMMARY_FILE)
+        store.remove_file(run.folder / declarations.SUMMARY_FILE)
         raise

@@ -1,4 +1,4 @@
-"""How long reading CIFAR-10 and making one epoch of training batches take (cifar.py, batches.py).
+"""How long reading CIFAR-10 and making one epoch of training batches take (cifar/dataset_files.py, cifar/batches.py).
 
     python bench/bench_batches.py [--data-dir data] [--device cpu] [--repeats 5] [--threads N]
 
@@ -21,8 +21,8 @@ from common import machine, seconds
 
 # isort: split
 # The project's modules, after common: importing it puts the repository root on sys.path.
-from batches import AUGMENTATIONS, BatchOptions, TrainBatches, channel_stats
-from errors import run_command
+from cifar.batches import AUGMENTATIONS, BatchOptions, TrainBatches, channel_stats
+from core.errors import run_command
 from load_data_cifar10 import load_cifar10
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from anywhere
 
-import batches  # noqa: E402
 import train  # noqa: E402
-from errors import run_command  # noqa: E402
+from cifar import batches  # noqa: E402
+from core.errors import run_command  # noqa: E402
 
 
 def measure(model: str, data_dir: str, epochs: int, subset: int) -> dict:

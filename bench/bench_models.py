@@ -4,7 +4,7 @@
                                  [--warmup N] [--steps N] [--variants fp32,...] [--compile] [--out PATH.json]
 
 Measures the models, not the data: every step gets the same batch of random images, already on the device.
-A training step is train.py's own (Optimization.step of optimization.py, with the model's default recipe: SGD
+A training step is train.py's own (Optimization.step of training/optimization.py, with the model's default recipe: SGD
 with Nesterov momentum, the warmup and cosine schedule of a run at this batch size, cross-entropy); an
 evaluation step is a forward pass without gradients in eval mode. Each model is built afresh for every variant:
   fp32                         plain float32, NCHW
@@ -41,10 +41,10 @@ from common import check_out, describe_run, fresh_model, print_run, save_results
 
 # isort: split
 # The project's modules, after common: importing it puts the repository root on sys.path.
-from devices import DEVICE_CHOICES, autocast, pick_device, set_up_backends
-from errors import UsageError, run_command
+from core.errors import UsageError, run_command
 from load_data_cifar10 import CIFAR10, NUM_CLASSES
 from model import MODELS, build_model, count_flops, count_parameters
+from training.devices import DEVICE_CHOICES, autocast, pick_device, set_up_backends
 
 
 @dataclass(frozen=True)

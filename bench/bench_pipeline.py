@@ -4,7 +4,7 @@
                                    [--repeats 3] [--steps N] [--workers 2] [--out PATH.json]
 
 Both pipelines feed the same model, built afresh from the same seed before every timed epoch, through train.py's
-own training step (Optimization.step of optimization.py, with the model's default recipe: SGD with Nesterov
+own training step (Optimization.step of training/optimization.py, with the model's default recipe: SGD with Nesterov
 momentum, warmup and cosine schedule, cross-entropy; bf16 autocast and channels_last by default on CUDA only) on
 the same device at the same batch size:
   project     TrainBatches: the uint8 dataset on the device, crop and flip as batched tensor ops, normalization.
@@ -45,11 +45,11 @@ from common import SEED, check_out, describe_run, fresh_model, print_run, save_r
 
 # isort: split
 # The project's modules, after common: importing it puts the repository root on sys.path.
-from batches import BatchOptions, TrainBatches, channel_stats
-from devices import DEVICE_CHOICES, pick_device, set_up_backends
-from errors import UsageError, run_command
+from cifar.batches import BatchOptions, TrainBatches, channel_stats
+from core.errors import UsageError, run_command
 from load_data_cifar10 import load_cifar10
 from model import MODELS
+from training.devices import DEVICE_CHOICES, pick_device, set_up_backends
 
 PIPELINES = ("project", "dataloader")
 # Steps per timed epoch for models other than cnn_base on CPU: a ResNet-18 step at batch 128 takes about 3 s on

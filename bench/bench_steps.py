@@ -22,13 +22,13 @@ from common import SEED, describe_run, print_run, seconds
 
 # isort: split
 # The project's modules, after common: importing it puts the repository root on sys.path.
-import cli
-import course
-from batches import BatchOptions, TrainBatches
-from errors import run_command
+from cifar.batches import BatchOptions, TrainBatches
+from core import course
+from core.errors import run_command
 from load_data_cifar10 import NUM_CLASSES
 from model import build_model
-from optimization import EpochSums, make_optimization
+from training import flags
+from training.optimization import EpochSums, make_optimization
 
 MODEL = "cnn_base"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)  # CIFAR-10's, roughly; the figures do not depend on them
@@ -74,7 +74,7 @@ def fresh_net() -> nn.Module:
 
 def ours(images: torch.Tensor, labels: torch.Tensor, batch_size: int):
     """One pass of train.py's epoch loop over the images with the course recipe."""
-    recipe = cli.with_default_lr(cli.with_recipe_defaults(cli.Recipe(recipe=course.NAME, batch_size=batch_size),
+    recipe = flags.with_default_lr(flags.with_recipe_defaults(flags.Recipe(recipe=course.NAME, batch_size=batch_size),
                                                           {"batch_size"}))
     batches = TrainBatches(images, labels, batch_size, BatchOptions(MEAN, STD), aug=recipe.aug, seed=recipe.seed)
     net = fresh_net()

@@ -1,5 +1,5 @@
 """What the bench scripts share: the machine and versions printed beside every figure, a fresh model with
-train.py's own optimization (optimization.py), a timer that waits for the GPU, model-list checking and the
+train.py's own optimization (training/optimization.py), a timer that waits for the GPU, model-list checking and the
 --out writer, which rewrites its file after every result. The training step and the backend settings are the
 project's (Optimization.step, devices.set_up_backends), not copies, so a benchmark measures what a run does.
 
@@ -20,15 +20,15 @@ import torchvision
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project's modules, from anywhere
-import cli
-import runs
-from devices import synchronize
-from errors import UsageError
+from core.errors import UsageError
 from load_data_cifar10 import NUM_CLASSES
 from model import build_model
-from optimization import Optimization, make_optimization
+from runfolder import store
+from training import flags
+from training.devices import synchronize
+from training.optimization import Optimization, make_optimization
 
-SEED = cli.Recipe().seed  # the default recipe's: the models' initialization and the batches' order
+SEED = flags.Recipe().seed  # the default recipe's: the models' initialization and the batches' order
 
 
 def cpu_name() -> str:
@@ -74,7 +74,7 @@ def fresh_model(name: str, device: torch.device, channels_last: bool, amp_dtype:
     """The model from the same seed each time, in training mode, and train.py's optimization of it for the
     model's default recipe (SGD, learning rate, warmup and cosine schedule over epochs of steps_per_epoch steps,
     loss scaler, loss): benchmarks call its step(net, inputs, labels), the step of a run."""
-    recipe = cli.with_default_lr(cli.Recipe(model=name))
+    recipe = flags.with_default_lr(flags.Recipe(model=name))
     torch.manual_seed(recipe.seed)
     net = build_model(name, NUM_CLASSES).to(device)
     if channels_last:
@@ -100,14 +100,14 @@ def check_out(out: str | None, script: str) -> None:
 def save_results(out: str | None, run: dict, rows: list[dict], complete: bool) -> None:
     """Write the run's description and rows as JSON to --out, if given, with "complete": false until the last
     row. The scripts call it once before measuring (a bad --out fails at once) and again after every result,
-    each time replacing the file whole (runs.write_json), so that a benchmark stopped mid-way (Ctrl-C, a time
+    each time replacing the file whole (store.write_json), so that a benchmark stopped mid-way (Ctrl-C, a time
     limit's SIGTERM or SIGKILL) leaves every result measured before it. A UsageError when it cannot write."""
     if not out:
         return
     try:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        runs.write_json(Path(out), {**run, "complete": complete, "rows": rows})
-    except runs.WriteFailed as err:  # "cannot write PATH (reason)"
+        store.write_json(Path(out), {**run, "complete": complete, "rows": rows})
+    except store.WriteFailed as err:  # "cannot write PATH (reason)"
         raise UsageError(f"{err}; pass another --out") from None
     except OSError as err:
         raise UsageError(f"cannot write {out} ({err.strerror}); pass another --out") from None

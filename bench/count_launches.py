@@ -10,7 +10,7 @@ divergence check), split into making the batch (batches.TrainBatches), Optimizat
 backward, optimizer, scheduler) and the loop's own accounting (the epoch's loss and hit sums and the divergence
 mark). View ops (select, slice, view, detach...) and the profiler's marks launch nothing and are left out.
 Each precision is counted with the three SGD implementations: torch's per-parameter loop (the CPU's default),
-foreach (CUDA's default) and fused; the columns `cpu` and `cuda` mark the one optimization.py picks on each
+foreach (CUDA's default) and fused; the columns `cpu` and `cuda` mark the one training/optimization.py picks on each
 device. The counts do not depend on the batch size or the pixels; the CPU's autocast casts a few ops
 differently from CUDA's, so the bf16 and fp16 forward counts are close to, not equal to, a GPU's.
 """
@@ -30,15 +30,14 @@ from common import SEED, split_names
 
 # isort: split
 # The project's modules, after common: importing it puts the repository root on sys.path.
-import cli
-import optimization
 import train
-from batches import BatchOptions, TrainBatches
-from devices import AMP_DTYPES
-from errors import run_command
+from cifar.batches import BatchOptions, TrainBatches
+from core.errors import run_command
 from load_data_cifar10 import NUM_CLASSES
 from model import build_model, models_in
-from processes import Processes
+from training import flags, optimization
+from training.devices import AMP_DTYPES
+from training.processes import Processes
 
 STEPS = 3
 COUNTED_STEP = 2
@@ -88,7 +87,7 @@ class CountedBatches:
 
 
 def sgd_picked(device_type: str, amp_dtype: torch.dtype | None) -> str:
-    """The implementation optimization.py picks on a device (unfused: torch's default there)."""
+    """The implementation training/optimization.py picks on a device (unfused: torch's default there)."""
     if optimization.uses_fused_sgd(torch.device(device_type), amp_dtype):
         return "fused"
     return "foreach" if device_type == "cuda" else "for-loop"
@@ -99,7 +98,7 @@ def count_step(model: str, amp: str, sgd: str, batch_size: int, folder: Path) ->
     device, amp_dtype = torch.device("cpu"), AMP_DTYPES[amp]
     images = torch.randint(0, 256, (STEPS * batch_size, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, NUM_CLASSES, (len(images),))
-    recipe = cli.with_default_lr(cli.Recipe(model=model, batch_size=batch_size))
+    recipe = flags.with_default_lr(flags.Recipe(model=model, batch_size=batch_size))
     counter = OpCounter()
     batches = TrainBatches(images, labels, batch_size, BatchOptions((0.5,) * 3, (0.25,) * 3),
                            aug=recipe.aug, seed=recipe.seed)
@@ -119,7 +118,7 @@ def count_step(model: str, amp: str, sgd: str, batch_size: int, folder: Path) ->
             counter.phase = "accounting"
     steps.step = counted_step
     run = SimpleNamespace(procs=Processes(False, 0, 1, 0, device), folder=folder, recipe=recipe,
-                          config=SimpleNamespace(settings=cli.Settings(no_progress=True)))
+                          config=SimpleNamespace(settings=flags.Settings(no_progress=True)))
     data = SimpleNamespace(train_batches=CountedBatches(batches, counter))
     training = train.Training(net, net, steps, 0, 0)
     with counter:

@@ -458,7 +458,7 @@ import csv, json, statistics, sys
 from pathlib import Path
 runs, tag, compiled, models = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 course = {row["model"]: round(float(row["valid_acc"]) / 100, 4) for row in csv.DictReader(
-    line for line in open("course_report.csv") if not line.startswith("#")) if row["dataset"] == "cifar10"}
+    line for line in open("core/course_report.csv") if not line.startswith("#")) if row["dataset"] == "cifar10"}
 fields = ["model", "compile", "epochs_done", "val_acc", "test_acc", "final_test_acc", "first_epoch_seconds",
           "steady_epoch_seconds", "total_seconds", "course_report_valid_acc"]
 table = csv.DictWriter(sys.stdout, fields, lineterminator="\n")

@@ -1,4 +1,4 @@
-"""batches.py: channel statistics, the validation split, and the training and evaluation batches made on the
+"""cifar/batches.py: channel statistics, the validation split, and the training and evaluation batches made on the
 device (every image once per epoch over all ranks, crops, flips, cutout, normalization, and the same batches
 after a resume and on any device)."""
 import hashlib
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
+from cifar.batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
 
 # -- statistics and the validation split --------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batches import BatchOptions, TrainBatches
+from cifar.batches import BatchOptions, TrainBatches
 from conftest import one_torch_thread
 from model import MODELS, build_model
 

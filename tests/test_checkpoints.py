@@ -13,7 +13,7 @@ from test_train import assert_one_line_error
 
 import hubconf
 import train
-from trained_net import CheckpointError
+from serving.trained_net import CheckpointError
 
 
 class TouchFile:

@@ -1,6 +1,6 @@
-"""cifar.py, load_data_cifar10.py and load_data_cifar100.py: reading the official formats safely, fetching the
-archive, and refusing damaged or crafted files with one line naming the file. Everything runs on tiny files the
-tests write themselves, pickled the way the official ones were; nothing comes from the network."""
+"""cifar/dataset_files.py, load_data_cifar10.py and load_data_cifar100.py: reading the official formats safely,
+fetching the archive, and refusing damaged or crafted files with one line naming the file. Everything runs on tiny
+files the tests write themselves, pickled the way the official ones were; nothing comes from the network."""
 import dataclasses
 import hashlib
 import importlib
@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-import cifar
-from cifar import DataError, load_cifar
+from cifar import dataset_files
+from cifar.dataset_files import DataError, load_cifar
 from load_data_cifar10 import CIFAR10, load_cifar10
 from load_data_cifar100 import CIFAR100
 
@@ -179,7 +179,7 @@ def test_archive_with_right_md5_is_extracted_and_read(tmp_path, monkeypatch):
     archive = data_dir / "cifar-10-python.tar.gz"
     md5 = archive_of(tmp_path / "source" / "cifar-10-batches-py", archive)
     # extracted into a hidden folder of its own inside data_dir (a kill mid-way leaves no visible tmp folder)
-    utils, folders = cifar._archive_utils(), []
+    utils, folders = dataset_files._archive_utils(), []
     extract_archive = utils.extract_archive
     monkeypatch.setattr(utils, "extract_archive", lambda source, to, *args, **kwargs: (
         folders.append(Path(to)), extract_archive(source, to, *args, **kwargs))[1])
@@ -214,7 +214,7 @@ def test_an_archive_with_the_right_md5_that_cannot_give_the_folder_is_refused(tm
     assert list(data_dir.iterdir()) == [archive]  # no folder, no temporary folder
     if damage == "cut":  # with the reason the archive itself gives when extracted directly
         with pytest.raises(Exception) as raw:
-            cifar._archive_utils().extract_archive(str(archive), str(tmp_path / "scratch"))
+            dataset_files._archive_utils().extract_archive(str(archive), str(tmp_path / "scratch"))
         assert f"could not extract {archive} ({' '.join(str(raw.value).split())}); " in message, message
 
 
@@ -296,7 +296,7 @@ def test_a_download_with_the_official_md5_is_put_in_place_extracted_and_read(tmp
     # It downloads into a hidden folder of its own inside data_dir, never the system's temporary folder (on another
     # file system, the archive could not be moved into place in one step).
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
-    utils, folders = cifar._archive_utils(), []
+    utils, folders = dataset_files._archive_utils(), []
     download_url = utils.download_url
     monkeypatch.setattr(utils, "download_url", lambda url, root, **kwargs: (folders.append(Path(root)),
                                                                              download_url(url, root, **kwargs)))
@@ -338,7 +338,7 @@ def test_a_download_puts_back_the_processs_own_socket_timeout(tmp_path, server):
 
 
 def test_a_stalled_download_ends_in_an_error_after_the_timeout_instead_of_hanging(tmp_path, server, monkeypatch):
-    monkeypatch.setattr(cifar, "DOWNLOAD_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(dataset_files, "DOWNLOAD_TIMEOUT_SECONDS", 0.5)
     server.stall.set()
     started = time.monotonic()
     with pytest.raises(DataError, match="timed out") as error:
@@ -427,7 +427,7 @@ def test_files_pickled_under_numpy_2s_module_names_load_with_numpy_1_too(tmp_pat
         return import_module(name, *args)
 
     written = write_cifar10(tmp_path)
-    monkeypatch.setattr(cifar.importlib, "import_module", numpy_1)
+    monkeypatch.setattr(dataset_files.importlib, "import_module", numpy_1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # numpy 2 still answers to numpy.core, with a warning
         data = load_cifar(TINY_CIFAR10, tmp_path, download=False)

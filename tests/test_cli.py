@@ -4,10 +4,10 @@ import runpy
 import subprocess
 import sys
 
-import cli
 import train
 from conftest import REPO_ROOT, message_lines
 from model import FAMILIES, MODELS, models_in
+from training import flags
 
 
 def run(*args):
@@ -81,7 +81,7 @@ def test_an_unknown_model_is_a_usage_error_listing_the_choices(capsys):
 
 
 def test_every_flag_has_help():
-    parser = cli.build_parser("cifar10")
+    parser = flags.build_parser("cifar10")
     for action in parser._actions:
         assert action.help, action.dest
 

@@ -1,6 +1,6 @@
 """The course lab's experiment: --recipe course resolves to the report's recipe, typed flags win, a resume keeps
-the recipe, and the reports show the report's figure beside course-recipe runs only (course.py,
-course_report.csv, cli.py, summary.py, report.py)."""
+the recipe, and the reports show the report's figure beside course-recipe runs only (core/course.py,
+core/course_report.csv, training/flags.py, reports/summary.py, reports/pages.py)."""
 import csv
 import dataclasses
 import json
@@ -10,22 +10,22 @@ import shutil
 import pytest
 from test_train import assert_one_line_error, read_metrics, tiny_args
 
-import cli
-import course
 import plot
 import train
+from core import course
 from model import MODELS
-from optimization import lr_factor
+from training import flags
+from training.optimization import lr_factor
 
 RESOLVED_COURSE = {"recipe": "course", "epochs": 50, "batch_size": 8, "lr": 0.001, "momentum": 0.9,
                    "nesterov": False, "weight_decay": 0.0, "label_smoothing": 0.0, "warmup_epochs": 0.0,
                    "schedule": "constant", "val_size": 0, "aug": "none"}
 
 
-def resolved(*argv: str) -> cli.Recipe:
+def resolved(*argv: str) -> flags.Recipe:
     """The recipe a run of these flags trains with, as train.open_run resolves it."""
-    args = cli.build_parser("cifar10").parse_args(list(argv))
-    return cli.with_default_lr(cli.with_recipe_defaults(cli.typed_recipe(args), cli.flags_given(list(argv))))
+    args = flags.build_parser("cifar10").parse_args(list(argv))
+    return flags.with_default_lr(flags.with_recipe_defaults(flags.typed_recipe(args), flags.flags_given(list(argv))))
 
 
 @pytest.mark.parametrize("model", ["cnn_base", "cnn_resnet18"])
@@ -78,15 +78,15 @@ def test_a_course_run_records_every_resolved_value_and_resume_refuses_another_re
 
 
 def test_a_run_older_than_the_recipe_flags_resumes_as_the_default_recipe():
-    saved = {**dataclasses.asdict(cli.Recipe(lr=0.05)), "dataset": "cifar10"}
+    saved = {**dataclasses.asdict(flags.Recipe(lr=0.05)), "dataset": "cifar10"}
     for name in ("recipe", "nesterov", "schedule"):
         del saved[name]
-    typed = cli.typed_recipe(cli.build_parser("cifar10").parse_args(["--resume"]))
-    recipe = cli.resume_recipe(typed, {"resume"}, saved, "cifar10")
+    typed = flags.typed_recipe(flags.build_parser("cifar10").parse_args(["--resume"]))
+    recipe = flags.resume_recipe(typed, {"resume"}, saved, "cifar10")
     assert (recipe.recipe, recipe.nesterov, recipe.schedule) == ("default", True, "cosine")
-    given = cli.flags_given(["--recipe", "course"])
-    with pytest.raises(cli.UsageError, match=re.escape("cannot change --recipe (the run used default")):
-        cli.resume_recipe(cli.with_recipe_defaults(dataclasses.replace(typed, recipe="course"), given), given,
+    given = flags.flags_given(["--recipe", "course"])
+    with pytest.raises(flags.UsageError, match=re.escape("cannot change --recipe (the run used default")):
+        flags.resume_recipe(flags.with_recipe_defaults(dataclasses.replace(typed, recipe="course"), given), given,
                           saved, "cifar10")
 
 

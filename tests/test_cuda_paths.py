@@ -11,14 +11,12 @@ import pytest
 import torch
 from test_train import read_metrics, tiny_args
 
-import batches
-import cli
-import devices
-import processes
-import runs
 import sweep
 import train
+from cifar import batches
 from conftest import message_lines
+from runfolder import store
+from training import devices, flags, processes
 
 # ---------------------------------------------------------------------------------------------------
 # Random-number state: only the training device's GPU
@@ -51,25 +49,25 @@ class FakeCuda:
 
 def test_the_rng_state_of_the_training_gpu_alone_is_saved_and_restored(monkeypatch):
     cuda = FakeCuda(monkeypatch, count=8)
-    state = runs.get_rng_state(torch.device("cuda", 3))
+    state = store.get_rng_state(torch.device("cuda", 3))
     assert int(state["cuda"][0]) == 3
     one_gpu = FakeCuda(monkeypatch, count=1)  # resumed where one GPU is visible: it is cuda:0
-    runs.set_rng_state(state, torch.device("cuda", 0))
+    store.set_rng_state(state, torch.device("cuda", 0))
     assert one_gpu.restored == [(3, 0)] and cuda.restored == []
 
 
 def test_an_older_last_pt_with_every_gpus_state_resumes_on_fewer_gpus(monkeypatch):
-    older = runs.get_rng_state(None)
+    older = store.get_rng_state(None)
     older["cuda"] = [torch.tensor([index], dtype=torch.uint8) for index in range(8)]  # as 2e73890 saved it
     cuda = FakeCuda(monkeypatch, count=1)
-    runs.set_rng_state(older, torch.device("cuda", 0))
+    store.set_rng_state(older, torch.device("cuda", 0))
     assert cuda.restored == [(0, 0)]
-    runs.set_rng_state(older, torch.device("cpu"))  # a CPU run of it restores no GPU state
+    store.set_rng_state(older, torch.device("cpu"))  # a CPU run of it restores no GPU state
     # saved on 2 GPUs, resumed under torchrun on 4: rank 1 takes GPU 1's state; GPUs 2 and 3 have none to take
     older["cuda"] = older["cuda"][:2]
     four = FakeCuda(monkeypatch, count=4)
     for index in (1, 2, 3):
-        runs.set_rng_state(older, torch.device("cuda", index))
+        store.set_rng_state(older, torch.device("cuda", index))
     assert four.restored == [(1, 1)]
     assert cuda.restored == [(0, 0)]
 
@@ -211,19 +209,19 @@ def test_the_process_group_waits_as_long_as_dist_timeout_says(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **options: seen.update(options))
     processes.start_processes("cpu", False, 90.0)
     assert seen["timeout"] == datetime.timedelta(minutes=90)
-    default = cli.build_parser("cifar10").parse_args([]).dist_timeout
+    default = flags.build_parser("cifar10").parse_args([]).dist_timeout
     processes.start_processes("cpu", False, default)
     assert seen["timeout"] >= datetime.timedelta(minutes=30)  # NCCL's own 10 minutes is too short for a download
 
 
 def test_ddp_keeps_the_gradients_in_its_buckets(monkeypatch, tmp_path):
-    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
-    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    file_store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=file_store, rank=0, world_size=1)
     try:
         run = SimpleNamespace(
-            recipe=cli.Recipe(lr=0.1, model="cnn_base", sync_bn=False), channels_last=False, amp_dtype=None,
+            recipe=flags.Recipe(lr=0.1, model="cnn_base", sync_bn=False), channels_last=False, amp_dtype=None,
             procs=processes.Processes(True, 0, 1, 0, torch.device("cpu")),
-            config=SimpleNamespace(settings=cli.Settings(compile=False)))
+            config=SimpleNamespace(settings=flags.Settings(compile=False)))
         training = train.build_training(run, 10, 4)
         assert isinstance(training.net, torch.nn.parallel.DistributedDataParallel)
         assert training.net.gradient_as_bucket_view

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from batches import BatchOptions, EvalBatches, TrainBatches
-from cli import Recipe, with_default_lr
-from evaluation import evaluate
+from cifar.batches import BatchOptions, EvalBatches, TrainBatches
 from model import MODELS, build_model
 from model.nonlocal_block import NonLocalBlock
-from optimization import make_optimization
+from training.evaluation import evaluate
+from training.flags import Recipe, with_default_lr
+from training.optimization import make_optimization
 
 RAISING_OPS_FILE = Path(__file__).with_name("deterministic_ops.txt")
 

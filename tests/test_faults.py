@@ -19,11 +19,10 @@ from PIL import Image
 from test_train import assert_one_line_error, read_metrics, tiny_args
 
 import plot
-import run_files
-import runs
 import train
 from conftest import REPO_ROOT, STARTED, descendants, without_time
-from errors import IN_USE_EXIT, TERMINATED_EXIT, FolderInUse, UsageError
+from core.errors import IN_USE_EXIT, TERMINATED_EXIT, FolderInUse, UsageError
+from runfolder import declarations, store
 
 NO_SPACE = "No space left on device"
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
@@ -40,7 +39,7 @@ def as_read(history: list[dict]) -> list[dict]:
 
 
 def temp_files(run_dir: Path) -> list[str]:
-    return sorted(path.name for path in run_dir.iterdir() if run_files.TEMP_MARK in path.name)
+    return sorted(path.name for path in run_dir.iterdir() if declarations.TEMP_MARK in path.name)
 
 
 def wait_until(condition, process: subprocess.Popen, timeout: float = 180) -> None:
@@ -60,7 +59,7 @@ def reference(cifar10_dir, tmp_path_factory) -> Path:
 
 
 def summary_without_time(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / run_files.SUMMARY_FILE).read_text())
+    summary = json.loads((run_dir / declarations.SUMMARY_FILE).read_text())
     return {key: value for key, value in summary.items() if "seconds" not in key}
 
 
@@ -77,7 +76,7 @@ def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_i
                                  env={**os.environ, "OMP_NUM_THREADS": "1"},
                                  stdout=subprocess.DEVNULL, stderr=first_err)
     STARTED.append(first)
-    log = run_dir / run_files.LOG_FILE
+    log = run_dir / declarations.LOG_FILE
     wait_until(lambda: log.exists() and "Epoch 1/1000" in log.read_text(), first)
     names_before = {path.name for path in run_dir.iterdir()}
 
@@ -96,11 +95,11 @@ def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_i
     assert first.poll() is None, "the first run ended before the checks were done: they prove nothing"
     # New since: the curves.png plot.py drew here (the run draws its first a while after it starts), and the
     # temporary files of the first run's writes, its drawing process's among them.
-    names = {path.name for path in run_dir.iterdir()} - {run_files.CURVES_FILE}
+    names = {path.name for path in run_dir.iterdir()} - {declarations.CURVES_FILE}
     writers = [first.pid, *descendants(first.pid)]
-    assert all(any(f".{pid}{run_files.TEMP_MARK}" in name for pid in writers) for name in names - names_before)
-    assert run_files.EVAL_FILE not in names and run_files.CONFUSION_FILE not in names
-    assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
+    assert all(any(f".{pid}{declarations.TEMP_MARK}" in name for pid in writers) for name in names - names_before)
+    assert declarations.EVAL_FILE not in names and declarations.CONFUSION_FILE not in names
+    assert (run_dir / declarations.LOCK_FILE).read_text().startswith(f"process {first.pid} on ")
 
     # SIGTERM (what a scheduler sends) stops the run now, like Ctrl-C, keeping what was saved. (A SIGKILL,
     # which gives a process no chance to unlock, is in the checkpoint tests below and in test_train.py.)
@@ -108,7 +107,7 @@ def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_i
     first.wait(timeout=60)
     stderr = (tmp_path / "first.err").read_text()
     assert first.returncode == TERMINATED_EXIT, stderr
-    last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
+    last = torch.load(run_dir / declarations.LAST_CHECKPOINT, weights_only=True)
     saved = last["epoch"]
     assert stderr.strip().splitlines() == [
         f"Terminated: {saved} epoch{'s' if saved != 1 else ''} saved in {run_dir}; continue with the same "
@@ -117,14 +116,16 @@ def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_i
     # last.pt), best.pt (saved before last.pt) at most an epoch ahead.
     rows = read_metrics(run_dir)
     assert len(rows) in (saved - 1, saved) and rows == as_read(last["history"][:len(rows)])
-    assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved + 1
-    runs.refuse_if_in_use(run_dir)  # the lock went with the process
+    assert torch.load(run_dir / declarations.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved + 1
+    store.refuse_if_in_use(run_dir)  # the lock went with the process
 
 
 # Both processes import everything, say they are ready, then wait for one file to appear, so that their
 # checks (no run in the folder, no lock held) pass in both before either takes the lock.
 AT_ONCE = """
-import os, sys, time
+import os
+import sys
+import time
 import train
 ready, go = sys.argv[1], sys.argv[2]
 open(ready, "w").close()
@@ -155,7 +156,7 @@ def test_two_runs_started_at_once_on_one_folder_train_once(cifar10_dir, tmp_path
     assert "in use" in loser or "changed" in loser or "--resume" in loser, loser
     run_dir = tmp_path / "cifar10" / "cnn_base"
     assert [row["epoch"] for row in read_metrics(run_dir)] == ["1", "2"]
-    assert (run_dir / run_files.LOG_FILE).read_text().count("Epoch 1/2") == 1
+    assert (run_dir / declarations.LOG_FILE).read_text().count("Epoch 1/2") == 1
     assert temp_files(run_dir) == []
 
 
@@ -184,8 +185,8 @@ class FullDisk:
 
 def fill_disk_at(monkeypatch, name: str, occurrence: int = 1, room: int = 64) -> None:
     """Make the occurrence-th write of the run file `name` hit a full disk, through the real
-    runs.write_atomically or runs.append_line (log.txt's lines after its first), which must clean up after it."""
-    real_write_atomically, real_append_line, real_os_write = runs.write_atomically, runs.append_line, os.write
+    store.write_atomically or store.append_line (log.txt's lines after its first), which must clean up after it."""
+    real_write_atomically, real_append_line, real_os_write = store.write_atomically, store.append_line, os.write
     seen = []
 
     def write_atomically(path, write):
@@ -209,31 +210,31 @@ def fill_disk_at(monkeypatch, name: str, occurrence: int = 1, room: int = 64) ->
                     left[0] -= len(data)
                     return real_os_write(handle, data)
                 with monkeypatch.context() as patch:
-                    patch.setattr(runs.os, "write", write)
+                    patch.setattr(store.os, "write", write)
                     return real_append_line(path, line)
         return real_append_line(path, line)
-    monkeypatch.setattr(runs, "write_atomically", write_atomically)
-    monkeypatch.setattr(runs, "append_line", append_line)
+    monkeypatch.setattr(store, "write_atomically", write_atomically)
+    monkeypatch.setattr(store, "append_line", append_line)
 
 
 def assert_every_file_is_whole(run_dir: Path) -> None:
     assert temp_files(run_dir) == []
     names = {path.name for path in run_dir.iterdir()}
-    for name in {run_files.CONFIG_FILE, run_files.SUMMARY_FILE} & names:
+    for name in {declarations.CONFIG_FILE, declarations.SUMMARY_FILE} & names:
         assert isinstance(json.loads((run_dir / name).read_text()), dict)
-    if run_files.LOG_FILE in names:
-        (run_dir / run_files.LOG_FILE).read_text(encoding="utf-8")
-    if run_files.CURVES_FILE in names:
-        Image.open(run_dir / run_files.CURVES_FILE).verify()
-    if run_files.BEST_CHECKPOINT in names:
-        assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["model_name"] == "cnn_base"
-    if run_files.LAST_CHECKPOINT in names:
-        last = torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)
-        if run_files.METRICS_FILE in names:
-            run_files.read_metrics(run_dir / run_files.METRICS_FILE)  # parses, every column a number
+    if declarations.LOG_FILE in names:
+        (run_dir / declarations.LOG_FILE).read_text(encoding="utf-8")
+    if declarations.CURVES_FILE in names:
+        Image.open(run_dir / declarations.CURVES_FILE).verify()
+    if declarations.BEST_CHECKPOINT in names:
+        assert torch.load(run_dir / declarations.BEST_CHECKPOINT, weights_only=True)["model_name"] == "cnn_base"
+    if declarations.LAST_CHECKPOINT in names:
+        last = torch.load(run_dir / declarations.LAST_CHECKPOINT, weights_only=True)
+        if declarations.METRICS_FILE in names:
+            declarations.read_metrics(run_dir / declarations.METRICS_FILE)  # parses, every column a number
             assert read_metrics(run_dir) == as_read(last["history"])
     else:
-        assert run_files.METRICS_FILE not in names
+        assert declarations.METRICS_FILE not in names
 
 
 @pytest.mark.parametrize("name, occurrence, saved_epochs", [
@@ -260,7 +261,7 @@ def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it
     err = capsys.readouterr().err
     assert_one_line_error(err, f"error: cannot write {run_dir / name} ({NO_SPACE}); ")
     assert_every_file_is_whole(run_dir)
-    last = run_dir / run_files.LAST_CHECKPOINT
+    last = run_dir / declarations.LAST_CHECKPOINT
     assert (torch.load(last, weights_only=True)["epoch"] if last.exists() else 0) == saved_epochs
     if saved_epochs:
         assert f"last.pt holds epoch {saved_epochs}; free space, then continue with the same command " \
@@ -273,7 +274,7 @@ def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it
     assert train.main("cifar10", again) == 0
     assert without_time(read_metrics(run_dir)) == without_time(read_metrics(reference))
     assert summary_without_time(run_dir) == summary_without_time(reference)
-    assert (run_dir / run_files.LOG_FILE).read_text().endswith("Model Saved\n")
+    assert (run_dir / declarations.LOG_FILE).read_text().endswith("Model Saved\n")
     assert temp_files(run_dir) == []
 
 
@@ -289,7 +290,7 @@ def test_a_write_the_kernel_refuses_is_one_line_exit_1(cifar10_dir, tmp_path):
                                preexec_fn=limit_file_size)
     run_dir = tmp_path / "cifar10" / "cnn_base"
     assert completed.returncode == 1, completed.stderr
-    assert_one_line_error(completed.stderr, f"error: cannot write {run_dir / run_files.BEST_CHECKPOINT} "
+    assert_one_line_error(completed.stderr, f"error: cannot write {run_dir / declarations.BEST_CHECKPOINT} "
                           f"({os.strerror(errno.EFBIG)}); no epoch was saved")
     assert_every_file_is_whole(run_dir)
 
@@ -298,22 +299,22 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
     """The holder's name cannot be written on a full disk; the lock holds all the same."""
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
-    (tmp_path / run_files.LOCK_FILE).symlink_to("/dev/full")
-    lock = runs.lock_run_folder(tmp_path)
+    (tmp_path / declarations.LOCK_FILE).symlink_to("/dev/full")
+    lock = store.lock_run_folder(tmp_path)
     with pytest.raises(UsageError, match="in use by another process"):
-        runs.refuse_if_in_use(tmp_path)
+        store.refuse_if_in_use(tmp_path)
     lock.close()
-    runs.refuse_if_in_use(tmp_path)
+    store.refuse_if_in_use(tmp_path)
 
 
 def test_a_lock_names_its_holder_alone_and_both_ways_of_meeting_it_refuse_with_that_line(tmp_path):
     """Each new holder rewrites the holder's line (a refused process names the live holder, not an earlier one);
     checking for the lock and taking it both refuse with the whole line and the exit code they were given."""
-    runs.lock_run_folder(tmp_path).close()
-    lock = runs.lock_run_folder(tmp_path)  # the folder locked again, by a resume, say
+    store.lock_run_folder(tmp_path).close()
+    lock = store.lock_run_folder(tmp_path)  # the folder locked again, by a resume, say
     holder = f"process {os.getpid()} on {socket.gethostname()}"
-    assert (tmp_path / run_files.LOCK_FILE).read_text() == holder + "\n"
-    for attempt in (runs.refuse_if_in_use, runs.lock_run_folder):
+    assert (tmp_path / declarations.LOCK_FILE).read_text() == holder + "\n"
+    for attempt in (store.refuse_if_in_use, store.lock_run_folder):
         with pytest.raises(FolderInUse) as refused:
             attempt(tmp_path, IN_USE_EXIT)
         assert str(refused.value) == (f"{tmp_path} is in use by {holder}; wait for it to finish, or pass another "
@@ -325,17 +326,17 @@ def test_a_lock_names_its_holder_alone_and_both_ways_of_meeting_it_refuse_with_t
 def test_a_run_folder_that_cannot_be_made_or_locked_says_why(tmp_path, monkeypatch, capsys):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UsageError) as refused:
-        runs.lock_run_folder(tmp_path / "a-file" / "run")
+        store.lock_run_folder(tmp_path / "a-file" / "run")
     assert str(refused.value) == (f"cannot create {tmp_path / 'a-file' / 'run'} ({os.strerror(errno.ENOTDIR)}); "
                                   "pick another --results-dir")
 
     def no_locks(handle, operation):  # a file system without locks, as some network ones are
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(runs.fcntl, "flock", no_locks)
+    monkeypatch.setattr(store.fcntl, "flock", no_locks)
     capsys.readouterr()
-    runs.lock_run_folder(tmp_path / "run").close()  # runs all the same, and says so
-    assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run' / run_files.LOCK_FILE} "
+    store.lock_run_folder(tmp_path / "run").close()  # runs all the same, and says so
+    assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run' / declarations.LOCK_FILE} "
                                        f"({os.strerror(errno.ENOLCK)}); make sure no other process uses "
                                        f"{tmp_path / 'run'}\n")
 
@@ -343,52 +344,52 @@ def test_a_run_folder_that_cannot_be_made_or_locked_says_why(tmp_path, monkeypat
 def test_the_holder_named_by_a_refusal_is_read_from_any_lock_file_without_failing(tmp_path):
     """The line a refused run prints names the lock's holder as it wrote itself; a lock file gone by the time it
     is read, or holding bytes that are not UTF-8 (written by something else), still gives that line."""
-    lock = tmp_path / run_files.LOCK_FILE
-    assert runs._holder(lock) == "another process"  # gone
+    lock = tmp_path / declarations.LOCK_FILE
+    assert store._holder(lock) == "another process"  # gone
     lock.write_bytes(b"process 12 on \xffhost\nmore")
-    assert runs._holder(lock) == "process 12 on \ufffdhost"
+    assert store._holder(lock) == "process 12 on \ufffdhost"
     lock.write_bytes(b"x" * 1000)  # no end of line: its first 200 bytes, not a line as long as the file
-    assert runs._holder(lock) == "x" * 200
+    assert store._holder(lock) == "x" * 200
 
 
 def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
-    blocker = tmp_path / run_files.SUMMARY_FILE
+    blocker = tmp_path / declarations.SUMMARY_FILE
     blocker.mkdir()  # unlink(2) of a folder fails (EISDIR on Linux), also for root
-    with pytest.raises(runs.WriteFailed) as failed:
-        runs.remove_file(blocker)
+    with pytest.raises(store.WriteFailed) as failed:
+        store.remove_file(blocker)
     assert str(failed.value) == f"cannot write {blocker} ({os.strerror(errno.EISDIR)})"
-    runs.remove_file(tmp_path / "absent.json")  # nothing there: nothing to do
+    store.remove_file(tmp_path / "absent.json")  # nothing there: nothing to do
 
 
 def test_a_run_file_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     """Under a file where its folder should be; and an OSError without a message (as some libraries raise) is
     named by its class."""
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(runs.WriteFailed) as failed:
-        runs.write_text(tmp_path / "a-file" / "summary.json", "{}")
+    with pytest.raises(store.WriteFailed) as failed:
+        store.write_text(tmp_path / "a-file" / "summary.json", "{}")
     assert str(failed.value) == f"cannot write {tmp_path / 'a-file' / 'summary.json'} ({os.strerror(errno.ENOTDIR)})"
-    assert str(runs.WriteFailed(tmp_path / "summary.json", BlockingIOError())) == (
+    assert str(store.WriteFailed(tmp_path / "summary.json", BlockingIOError())) == (
         f"cannot write {tmp_path / 'summary.json'} (BlockingIOError)")
 
 
 def test_a_folder_changed_between_the_checks_and_the_lock_is_refused(tmp_path):
     """What a second process saves between a run's checks of its folder and its taking the lock is seen."""
-    (tmp_path / run_files.METRICS_FILE).write_text("epoch\n1\n")
-    checked = runs.folder_state(tmp_path)
-    runs.check_unchanged(tmp_path, checked)  # nothing changed: the run goes on
-    (tmp_path / run_files.METRICS_FILE).write_text("epoch\n1\n2\n")  # another process saved an epoch
+    (tmp_path / declarations.METRICS_FILE).write_text("epoch\n1\n")
+    checked = store.folder_state(tmp_path)
+    store.check_unchanged(tmp_path, checked)  # nothing changed: the run goes on
+    (tmp_path / declarations.METRICS_FILE).write_text("epoch\n1\n2\n")  # another process saved an epoch
     with pytest.raises(UsageError) as refused:
-        runs.check_unchanged(tmp_path, checked)
+        store.check_unchanged(tmp_path, checked)
     assert str(refused.value) == (f"{tmp_path} changed while this run was starting (another process wrote to "
                                   "it); run the command again")
 
 
 def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, cifar10_dir, monkeypatch,
                                                          capsys):
-    name = run_files.EVAL_FILE
+    name = declarations.EVAL_FILE
     run_dir = tmp_path / "cifar10" / "cnn_base"
     shutil.copytree(reference, run_dir)
-    best = (run_dir / run_files.BEST_CHECKPOINT).read_bytes()
+    best = (run_dir / declarations.BEST_CHECKPOINT).read_bytes()
     capsys.readouterr()
     fill_disk_at(monkeypatch, name)
     assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir",
@@ -396,9 +397,9 @@ def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, ci
     assert_one_line_error(capsys.readouterr().err, f"error: cannot write {run_dir / name} ({NO_SPACE})",
                           "untouched", "evaluate again")
     assert not (run_dir / name).exists()
-    assert (run_dir / run_files.BEST_CHECKPOINT).read_bytes() == best
+    assert (run_dir / declarations.BEST_CHECKPOINT).read_bytes() == best
     assert_every_file_is_whole(run_dir)
-    runs.refuse_if_in_use(run_dir)  # the lock is let go after a failure
+    store.refuse_if_in_use(run_dir)  # the lock is let go after a failure
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -408,11 +409,15 @@ def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, ci
 # Runs training with the target file's occurrence-th write stopped halfway: half its bytes in the
 # temporary file, a marker file made, then a wait for the SIGKILL.
 KILL_IN_SAVE = """
-import io, os, sys, time
-import runs, train
+import io
+import os
+import sys
+import time
+from runfolder import store
+import train
 
 target, occurrence, marker = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-real_write_atomically = runs.write_atomically
+real_write_atomically = store.write_atomically
 saves = 0
 
 def write_atomically(path, write):
@@ -430,7 +435,7 @@ def write_atomically(path, write):
             return real_write_atomically(path, write_half_then_hang)
     return real_write_atomically(path, write)
 
-runs.write_atomically = write_atomically
+store.write_atomically = write_atomically
 sys.exit(train.main("cifar10", sys.argv[4:]))
 """
 
@@ -441,7 +446,7 @@ def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_it
     assert float(rows[1]["val_acc"]) > float(rows[0]["val_acc"]), "epoch 2 must save best.pt again"
     # Killed in the save of last.pt, and in that of best.pt: two processes at once, a folder each.
     killed = {}
-    for name in (run_files.LAST_CHECKPOINT, run_files.BEST_CHECKPOINT):
+    for name in (declarations.LAST_CHECKPOINT, declarations.BEST_CHECKPOINT):
         marker = tmp_path / f"inside-{name}"
         STARTED.append(subprocess.Popen(
             [sys.executable, "-c", KILL_IN_SAVE, name, "2", str(marker), *fault_args(cifar10_dir, tmp_path / name)],
@@ -455,11 +460,11 @@ def test_a_kill_while_saving_a_checkpoint_loses_nothing_and_resume_takes_over_it
 
     for name, (process, _) in killed.items():
         run_dir = tmp_path / name / "cifar10" / "cnn_base"
-        assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{run_files.TEMP_MARK}.pt"]
-        assert torch.load(run_dir / run_files.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
-        best_epoch = 1 if name == run_files.BEST_CHECKPOINT else 2  # saved before last.pt
-        assert torch.load(run_dir / run_files.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
-        assert (run_dir / run_files.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
+        assert temp_files(run_dir) == [f".{Path(name).stem}.{process.pid}{declarations.TEMP_MARK}.pt"]
+        assert torch.load(run_dir / declarations.LAST_CHECKPOINT, weights_only=True)["epoch"] == 1
+        best_epoch = 1 if name == declarations.BEST_CHECKPOINT else 2  # saved before last.pt
+        assert torch.load(run_dir / declarations.BEST_CHECKPOINT, weights_only=True)["epoch"] == best_epoch
+        assert (run_dir / declarations.LOCK_FILE).read_text().startswith(f"process {process.pid} on ")
 
         capsys.readouterr()
         assert train.main("cifar10", [*fault_args(cifar10_dir, tmp_path / name), "--resume"]) == 0

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import optimization
 import train
-from cli import Recipe
 from model import build_model
+from training import optimization
+from training.flags import Recipe
 
 SCALAR_READ = torch.ops.aten._local_scalar_dense.default
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -15,20 +15,18 @@ from test_faults import NO_SPACE, fault_args, temp_files
 from test_train import assert_one_line_error, read_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import optimization
 import plot
-import recording
-import run_files
-import runs
 import train
-from batches import BatchOptions, EvalBatches
-from cli import Recipe, Settings
+from cifar.batches import BatchOptions, EvalBatches
 from conftest import without_time
-from errors import RunFailed
-from evaluation import evaluate
+from core.errors import RunFailed
 from model import build_model
-from processes import Processes
-from run_data import eval_batch_size
+from runfolder import declarations, store
+from training import optimization, recording
+from training.dataset import eval_batch_size
+from training.evaluation import evaluate
+from training.flags import Recipe, Settings
+from training.processes import Processes
 
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
 CPU = torch.device("cpu")
@@ -191,10 +189,10 @@ def has_ended(pid: int) -> bool:
 
 def run_folder_with_metrics(folder: Path) -> Path:
     folder.mkdir(parents=True)
-    row = run_files.EpochMetrics(epoch=1, lr=0.1, train_loss=2.0, train_acc=0.2, val_loss=1.9, val_acc=0.25,
+    row = declarations.EpochMetrics(epoch=1, lr=0.1, train_loss=2.0, train_acc=0.2, val_loss=1.9, val_acc=0.25,
                                  val_top5=0.7, epoch_seconds=1.0, train_seconds=0.8, val_seconds=0.2,
                                  between_seconds=float("nan")).row()
-    runs.write_metrics(folder / run_files.METRICS_FILE, [row])
+    store.write_metrics(folder / declarations.METRICS_FILE, [row])
     return folder
 
 
@@ -208,19 +206,19 @@ def test_the_drawer_draws_in_another_process_one_drawing_at_a_time(tmp_path, mon
     pid = drawer._process.pid
     assert not drawer.draw(folder)  # the first is still under way: the process is starting
     assert drawer.close() is None
-    assert (folder / run_files.CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / declarations.CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert temp_files(folder) == []
     assert has_ended(pid)
 
 
 def test_a_failed_drawing_is_handed_over_once_as_the_write_that_failed(tmp_path):
     folder = run_folder_with_metrics(tmp_path / "run")
-    (folder / run_files.CURVES_FILE).mkdir()  # renaming the drawing over it fails
+    (folder / declarations.CURVES_FILE).mkdir()  # renaming the drawing over it fails
     drawer = recording.CurvesDrawer()
     drawer.draw(folder)
     failure = drawer.close()
-    assert isinstance(failure, runs.WriteFailed)
-    assert str(failure) == f"cannot write {folder / run_files.CURVES_FILE} ({os.strerror(errno.EISDIR)})"
+    assert isinstance(failure, store.WriteFailed)
+    assert str(failure) == f"cannot write {folder / declarations.CURVES_FILE} ({os.strerror(errno.EISDIR)})"
     assert drawer.failure() is None
     assert temp_files(folder) == []
 
@@ -228,7 +226,7 @@ def test_a_failed_drawing_is_handed_over_once_as_the_write_that_failed(tmp_path)
 def failed_drawing(tmp_path: Path) -> recording.Output:
     """An Output whose drawer has been asked to draw what it cannot write."""
     folder = run_folder_with_metrics(tmp_path / "run")
-    (folder / run_files.CURVES_FILE).mkdir()
+    (folder / declarations.CURVES_FILE).mkdir()
     output = recording.Output(folder, {}, print, 0)
     assert output.drawer.draw(folder)
     return output
@@ -238,7 +236,7 @@ def test_the_next_save_hands_over_a_failed_drawing_before_it_writes_anything(tmp
     output = failed_drawing(tmp_path)
     while output.drawer.busy():
         pass
-    with pytest.raises(runs.WriteFailed, match="curves.png"):
+    with pytest.raises(store.WriteFailed, match="curves.png"):
         output.save_epoch(None, None, None, None, False)  # raised before save_epoch looks at the epoch
     assert output.settle() is None  # handed over once
 
@@ -246,11 +244,11 @@ def test_the_next_save_hands_over_a_failed_drawing_before_it_writes_anything(tmp
 def test_the_end_of_a_run_waits_for_the_drawing_under_way_and_reports_its_failure(tmp_path):
     output = failed_drawing(tmp_path)
     pid = output.drawer._process.pid
-    with pytest.raises(runs.WriteFailed, match="curves.png"):
+    with pytest.raises(store.WriteFailed, match="curves.png"):
         output.wait()
     assert has_ended(pid)
     output = failed_drawing(tmp_path / "again")
-    assert isinstance(output.settle(), runs.WriteFailed)
+    assert isinstance(output.settle(), store.WriteFailed)
 
 
 def test_a_run_draws_its_curves_in_the_training_process_only_at_the_end(cifar10_dir, tmp_path, monkeypatch):
@@ -271,7 +269,7 @@ def test_a_run_draws_its_curves_in_the_training_process_only_at_the_end(cifar10_
     assert drawn_here == [run_dir]  # finish(): the title with the test accuracy
     assert drawn_there and {folder for folder, _ in drawn_there} == {run_dir}
     assert all(has_ended(pid) for _, pid in drawn_there)
-    assert (run_dir / run_files.CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / declarations.CURVES_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_run_shorter_than_the_drawing_interval_starts_no_drawing_process(cifar10_dir, tmp_path, monkeypatch):
@@ -282,7 +280,7 @@ def test_a_run_shorter_than_the_drawing_interval_starts_no_drawing_process(cifar
     monkeypatch.setattr(recording.CurvesDrawer, "draw", lambda self, folder: drawn_there.append(folder))
     assert train.main("cifar10", fault_args(cifar10_dir, tmp_path)) == 0
     assert drawn_there == []
-    assert (tmp_path / "cifar10" / "cnn_base" / run_files.CURVES_FILE).exists()
+    assert (tmp_path / "cifar10" / "cnn_base" / declarations.CURVES_FILE).exists()
 
 
 def test_a_drawing_that_fails_while_the_run_trains_stops_it_in_one_line_and_resume_finishes(
@@ -292,16 +290,16 @@ def test_a_drawing_that_fails_while_the_run_trains_stops_it_in_one_line_and_resu
     monkeypatch.setattr(recording, "CURVES_EVERY_SECONDS", 0.0)
     run_dir = tmp_path / "cifar10" / "cnn_base"
     run_dir.mkdir(parents=True)
-    (run_dir / run_files.CURVES_FILE).mkdir()
+    (run_dir / declarations.CURVES_FILE).mkdir()
     capsys.readouterr()
     assert train.main("cifar10", fault_args(cifar10_dir, tmp_path)) == 1
     err = capsys.readouterr().err
-    assert_one_line_error(err, f"error: cannot write {run_dir / run_files.CURVES_FILE} "
+    assert_one_line_error(err, f"error: cannot write {run_dir / declarations.CURVES_FILE} "
                                f"({os.strerror(errno.EISDIR)}); last.pt holds epoch ")
-    assert not (run_dir / run_files.SUMMARY_FILE).exists() and temp_files(run_dir) == []
-    (run_dir / run_files.CURVES_FILE).rmdir()
+    assert not (run_dir / declarations.SUMMARY_FILE).exists() and temp_files(run_dir) == []
+    (run_dir / declarations.CURVES_FILE).rmdir()
     assert train.main("cifar10", [*fault_args(cifar10_dir, tmp_path), "--resume"]) == 0
-    assert (run_dir / run_files.SUMMARY_FILE).exists()
+    assert (run_dir / declarations.SUMMARY_FILE).exists()
     assert len(without_time(read_metrics(run_dir))) == 2
 
 
@@ -328,7 +326,7 @@ def test_the_writer_thread_copies_the_state_on_the_training_threads_stream(cifar
         def __exit__(self, *exc):
             entered.stream = None
 
-    real_cpu_copy = runs.cpu_copy
+    real_cpu_copy = store.cpu_copy
 
     def cpu_copy(state, reuse=None):
         if threading.current_thread().name == "run-writer":
@@ -337,7 +335,7 @@ def test_the_writer_thread_copies_the_state_on_the_training_threads_stream(cifar
 
     monkeypatch.setattr(recording, "trainer_stream", trainer_stream)
     monkeypatch.setattr(recording, "on_stream", OnStream)
-    monkeypatch.setattr(runs, "cpu_copy", cpu_copy)
+    monkeypatch.setattr(store, "cpu_copy", cpu_copy)
     assert train.main("cifar10", fault_args(cifar10_dir, tmp_path)) == 0
     assert copies and set(copies) == {("stream of", threading.main_thread().name)}
 
@@ -364,14 +362,14 @@ def test_on_stream_puts_another_threads_work_on_the_given_stream():
 def test_log_txt_is_written_whole_once_then_appended_a_line_at_a_time(tmp_path, monkeypatch):
     """A resume's lines (completed from last.pt) and the first new one in one atomic write; each line after it
     appended to the same file, not the whole log rewritten."""
-    whole_writes, real_write_text = [], runs.write_text
+    whole_writes, real_write_text = [], store.write_text
 
     def write_text(path, text):
         whole_writes.append(path)
         real_write_text(path, text)
-    monkeypatch.setattr(runs, "write_text", write_text)
-    say = runs.make_logger(True, tmp_path, ["old 1", "old 2"])
-    log = tmp_path / run_files.LOG_FILE
+    monkeypatch.setattr(store, "write_text", write_text)
+    say = store.make_logger(True, tmp_path, ["old 1", "old 2"])
+    log = tmp_path / declarations.LOG_FILE
     assert not log.exists()  # nothing before the first line: a refused run writes nothing
     say("a")
     inode = log.stat().st_ino
@@ -385,8 +383,8 @@ def test_log_txt_is_written_whole_once_then_appended_a_line_at_a_time(tmp_path, 
 
 
 def test_an_append_that_fails_leaves_log_txt_whole_and_the_next_line_writes_it_all(tmp_path, monkeypatch):
-    say = runs.make_logger(True, tmp_path, [])
-    log = tmp_path / run_files.LOG_FILE
+    say = store.make_logger(True, tmp_path, [])
+    log = tmp_path / declarations.LOG_FILE
     say("first")
     real_write = os.write
 
@@ -396,8 +394,8 @@ def test_an_append_that_fails_leaves_log_txt_whole_and_the_next_line_writes_it_a
         raise OSError(errno.ENOSPC, NO_SPACE)
 
     with monkeypatch.context() as patch:
-        patch.setattr(runs.os, "write", write_then_fill)
-        with pytest.raises(runs.WriteFailed) as failed:
+        patch.setattr(store.os, "write", write_then_fill)
+        with pytest.raises(store.WriteFailed) as failed:
             say("second line")
     assert str(failed.value) == f"cannot write {log} ({NO_SPACE})"
     assert log.read_text() == "first\n"

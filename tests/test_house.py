@@ -4,7 +4,6 @@ stay short. Plus the units the training loop is built from: the schedule, the fl
 reconciliation of the saved recipe with the typed flags."""
 import argparse
 import ast
-import configparser
 import dataclasses
 import math
 import re
@@ -12,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import cli
-import report
 from conftest import REPO_ROOT
 from model import FAMILIES, MODELS
-from optimization import lr_factor
 from plot import FAMILY_COLORMAPS
-from run_files import RunFacts
+from reports import pages
+from runfolder.declarations import RunFacts
+from training import flags
+from training.optimization import lr_factor
 
-PROJECT_MODULES = sorted([*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("model/*.py"), *REPO_ROOT.glob("bench/*.py")])
+PROJECT_MODULES = sorted(path for path in [*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("*/*.py")]
+                         if path.parent.name != "tests")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -28,53 +28,53 @@ PROJECT_MODULES = sorted([*REPO_ROOT.glob("*.py"), *REPO_ROOT.glob("model/*.py")
 
 
 def test_every_flag_of_the_parser_has_exactly_one_role():
-    parser = cli.build_parser("cifar10")
+    parser = flags.build_parser("cifar10")
     dests = {action.dest for action in parser._actions if action.dest != "help"}
-    declared = [name for role in cli.ROLES.values() for name in (spec.name for spec in dataclasses.fields(role))]
+    declared = [name for role in flags.ROLES.values() for name in (spec.name for spec in dataclasses.fields(role))]
     assert len(declared) == len(set(declared)), "a flag is declared in two roles"
     assert dests == set(declared)
 
 
 def test_resume_checks_config_and_report_follow_the_roles():
-    assert cli.RECIPE_FLAGS == tuple(spec.name for spec in dataclasses.fields(cli.Recipe))
-    run = cli.RunConfig(cli.Recipe(), cli.Settings(), "cifar10", "main_cifar10.py")
+    assert flags.RECIPE_FLAGS == tuple(spec.name for spec in dataclasses.fields(flags.Recipe))
+    run = flags.RunConfig(flags.Recipe(), flags.Settings(), "cifar10", "main_cifar10.py")
     # config.json holds every recipe and setting flag and no command
-    assert set(run.flags()) == set(cli.RECIPE_FLAGS) | set(cli.SETTING_FLAGS)
-    assert not set(run.flags()) & set(cli.COMMAND_FLAGS)
+    assert set(run.flags()) == set(flags.RECIPE_FLAGS) | set(flags.SETTING_FLAGS)
+    assert not set(run.flags()) & set(flags.COMMAND_FLAGS)
     # the report shows every recipe flag, and only flags or facts config.json has
-    assert set(cli.RECIPE_FLAGS) <= set(report.SETTINGS)
+    assert set(flags.RECIPE_FLAGS) <= set(pages.SETTINGS)
     facts = {spec.name for spec in dataclasses.fields(RunFacts)}
-    assert set(report.SETTINGS) <= set(cli.RECIPE_FLAGS) | set(cli.SETTING_FLAGS) | facts
+    assert set(pages.SETTINGS) <= set(flags.RECIPE_FLAGS) | set(flags.SETTING_FLAGS) | facts
 
 
 def test_the_run_configuration_is_frozen():
-    run = cli.RunConfig(cli.Recipe(), cli.Settings(), "cifar10", "main_cifar10.py")
+    run = flags.RunConfig(flags.Recipe(), flags.Settings(), "cifar10", "main_cifar10.py")
     with pytest.raises(dataclasses.FrozenInstanceError):
         run.recipe.lr = 1.0
     with pytest.raises(dataclasses.FrozenInstanceError):
-        run.recipe = cli.Recipe()
+        run.recipe = flags.Recipe()
 
 
 def test_readme_flag_table_equals_the_parser():
     readme = (REPO_ROOT / "README.md").read_text()
     match = re.search(r"<!-- flag-table -->\n(.*?)<!-- /flag-table -->", readme, re.S)
     assert match, "README.md lost its flag-table markers"
-    assert match.group(1).strip() == cli.flag_table_markdown()
+    assert match.group(1).strip() == flags.flag_table_markdown()
     # and the table names every option the parser takes
-    for action in cli.build_parser("cifar10")._actions:
+    for action in flags.build_parser("cifar10")._actions:
         for option in action.option_strings:
             if option.startswith("--") and option != "--help":
                 assert f"`{option}`" in match.group(1), option
 
 
 def test_flags_given_sees_exactly_the_typed_flags():
-    assert cli.flags_given(["--epochs", "3", "--lr=0.1", "--no-channels-last", "--resume"]) == {
+    assert flags.flags_given(["--epochs", "3", "--lr=0.1", "--no-channels-last", "--resume"]) == {
         "epochs", "lr", "channels_last", "resume"}
-    assert cli.flags_given(["--model", "cnn_base", "3"]) == {"model"}
+    assert flags.flags_given(["--model", "cnn_base", "3"]) == {"model"}
 
 
 def test_abbreviated_flags_are_refused(capsys):
-    parser = cli.build_parser("cifar10")
+    parser = flags.build_parser("cifar10")
     with pytest.raises(SystemExit) as stop:
         parser.parse_args(["--ep", "100"])
     assert stop.value.code == 2
@@ -171,9 +171,9 @@ def test_lr_factor_without_warmup_starts_at_the_peak():
 
 
 def test_default_learning_rates():
-    assert cli.with_default_lr(cli.Recipe(model="cnn_base")).lr == 0.05
-    assert cli.with_default_lr(cli.Recipe(model="cnn_resnet18")).lr == 0.1
-    assert cli.with_default_lr(cli.Recipe(model="cnn_base", lr=0.2)).lr == 0.2
+    assert flags.with_default_lr(flags.Recipe(model="cnn_base")).lr == 0.05
+    assert flags.with_default_lr(flags.Recipe(model="cnn_resnet18")).lr == 0.1
+    assert flags.with_default_lr(flags.Recipe(model="cnn_base", lr=0.2)).lr == 0.2
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_default_learning_rates():
 
 
 def parsed(*argv: str) -> argparse.Namespace:
-    return cli.build_parser("cifar10").parse_args(list(argv))
+    return flags.build_parser("cifar10").parse_args(list(argv))
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -199,25 +199,25 @@ def test_check_flags_refuses_contradictions_and_sizes(argv, words, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     args = parsed(*argv)
     if words is None:
-        cli.check_flags(args, 10_000)
+        flags.check_flags(args, 10_000)
         return
-    with pytest.raises(cli.UsageError, match=re.escape(words)):
-        cli.check_flags(args, 10_000)
+    with pytest.raises(flags.UsageError, match=re.escape(words)):
+        flags.check_flags(args, 10_000)
 
 
 def test_check_flags_refuses_a_file_for_a_folder_and_a_missing_checkpoint(tmp_path):
     (tmp_path / "file").write_text("x")
-    with pytest.raises(cli.UsageError, match="--results-dir .* is a file"):
-        cli.check_flags(parsed("--results-dir", str(tmp_path / "file")), 50_000)
-    with pytest.raises(cli.UsageError, match="no such file"):
-        cli.check_flags(parsed("--eval-only", "--checkpoint", str(tmp_path / "none.pt")), 50_000)
+    with pytest.raises(flags.UsageError, match="--results-dir .* is a file"):
+        flags.check_flags(parsed("--results-dir", str(tmp_path / "file")), 50_000)
+    with pytest.raises(flags.UsageError, match="no such file"):
+        flags.check_flags(parsed("--eval-only", "--checkpoint", str(tmp_path / "none.pt")), 50_000)
 
 
-SAVED = {**dataclasses.asdict(cli.Recipe(lr=0.05, epochs=10, batch_size=64)), "dataset": "cifar10"}
+SAVED = {**dataclasses.asdict(flags.Recipe(lr=0.05, epochs=10, batch_size=64)), "dataset": "cifar10"}
 
 
-def resumed(*argv: str, saved: dict = SAVED) -> cli.Recipe:
-    return cli.resume_recipe(cli.typed_recipe(parsed(*argv)), cli.flags_given(list(argv)), saved, "cifar10")
+def resumed(*argv: str, saved: dict = SAVED) -> flags.Recipe:
+    return flags.resume_recipe(flags.typed_recipe(parsed(*argv)), flags.flags_given(list(argv)), saved, "cifar10")
 
 
 def test_resume_takes_the_saved_recipe_over_defaults():
@@ -238,7 +238,7 @@ def test_resume_accepts_the_saved_value_typed_again_and_a_larger_epoch_count():
     (["--model", "cnn_resnet18"], "is a cifar10 cnn_base run, not cifar10 cnn_resnet18"),
 ])
 def test_resume_refuses_a_typed_change_of_the_recipe(argv, words):
-    with pytest.raises(cli.UsageError, match=re.escape(words)):
+    with pytest.raises(flags.UsageError, match=re.escape(words)):
         resumed("--resume", *argv)
 
 
@@ -246,16 +246,18 @@ def test_resume_of_a_run_older_than_a_recipe_flag_reads_its_old_default():
     # A last.pt written before a recipe flag existed lacks it; the run behaved as the flag's old_default.
     older = {key: value for key, value in SAVED.items() if key != "label_smoothing"}
     assert resumed("--resume", saved=older).label_smoothing == 0.0
-    with pytest.raises(cli.UsageError, match="cannot change --label-smoothing"):
+    with pytest.raises(flags.UsageError, match="cannot change --label-smoothing"):
         resumed("--resume", "--label-smoothing", "0.1", saved=older)
 
 
 def test_mutation_testing_copies_every_file_of_the_project():
-    """mutmut runs the tests in a copy of the tree holding only what setup.cfg names: a module added to the
-    project and not to that list breaks the copy's imports (issue #22's configuration, rerun by hand)."""
-    config = configparser.ConfigParser()
-    config.read(REPO_ROOT / "setup.cfg")
-    listed = {*config["mutmut"]["source_paths"].split(), *config["mutmut"]["also_copy"].split()}
+    """mutmut runs the tests in a copy of the tree holding only what pyproject.toml names: a module or package
+    added to the project and not to that list breaks the copy's imports (issue #22's configuration, rerun by
+    hand)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    config = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["mutmut"]
+    listed = {*config["source_paths"], *config["also_copy"]}
     files = {path.name for path in REPO_ROOT.iterdir() if path.suffix in (".py", ".csv") and path.is_file()}
+    packages = {f"{path.parent.name}/" for path in REPO_ROOT.glob("*/__init__.py")}
     assert files <= listed, sorted(files - listed)
-    assert {"model/", "bench/"} <= listed
+    assert packages | {"bench/"} <= listed, sorted(packages - listed)

@@ -1,4 +1,4 @@
-"""hubconf.py and trained_net.py: torch.hub builds every model, and loads a trained one that
+"""hubconf.py and serving/trained_net.py: torch.hub builds every model, and loads a trained one that
 normalizes its own input."""
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import torch
 
 import hubconf
 from model import MODELS, build_model
-from trained_net import CheckpointError, NormalizedNet
+from serving.trained_net import CheckpointError, NormalizedNet
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]

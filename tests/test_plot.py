@@ -12,7 +12,7 @@ import pytest
 import plot
 from conftest import message_lines
 from model import MODELS
-from runs import RunFileError
+from runfolder.store import RunFileError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 METRICS_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,epoch_seconds"

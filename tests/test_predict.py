@@ -1,4 +1,4 @@
-"""predict.py: the top-5 classes of one's own PNG and JPEG images, of any size."""
+"""serving/predict.py: the top-5 classes of one's own PNG and JPEG images, of any size."""
 from pathlib import Path
 
 import pytest
@@ -6,11 +6,11 @@ import torch
 from torchvision.io import encode_jpeg, write_png
 
 from model import build_model
-from predict import ImageError, format_predictions, predict_files, read_image
-from trained_net import NormalizedNet
+from serving.predict import ImageError, format_predictions, predict_files, read_image
+from serving.trained_net import NormalizedNet
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
-# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; until predict.py moves,
+# torchvision 0.29 deprecates its image decoders in favour of TorchCodec; until serving/predict.py moves,
 # the warning would only repeat itself once per decoded file here.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]

@@ -14,18 +14,18 @@ from test_train import tiny_args
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import cli
-import runs
 import train
-from batches import BatchOptions, EvalBatches
-from evaluation import evaluate
+from cifar.batches import BatchOptions, EvalBatches
 from model import build_model
-from optimization import make_optimization
+from runfolder import store
+from training import flags
+from training.evaluation import evaluate
+from training.optimization import make_optimization
 
 CPU = torch.device("cpu")
 
 
-def reference_sgd_steps(net: nn.Module, batches: list, recipe: cli.Recipe) -> list[torch.Tensor]:
+def reference_sgd_steps(net: nn.Module, batches: list, recipe: flags.Recipe) -> list[torch.Tensor]:
     """The losses of SGD steps taken by hand, as torch.optim.SGD documents them, at a constant rate: the loss is
     cross-entropy with the recipe's label smoothing; its gradient, plus weight decay times the weight, goes into the
     momentum buffer, and the step follows the buffer, or with Nesterov that sum plus momentum times the buffer."""
@@ -47,16 +47,16 @@ def reference_sgd_steps(net: nn.Module, batches: list, recipe: cli.Recipe) -> li
     return losses
 
 
-@pytest.mark.parametrize("flags", [
+@pytest.mark.parametrize("recipe_flags", [
     dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.2),
     dict(lr=0.3, momentum=0.5, nesterov=False, weight_decay=0.01, label_smoothing=0.0),
     dict(lr=0.1, momentum=0.0, nesterov=True, weight_decay=0.0, label_smoothing=0.1),
 ], ids=["nesterov-smoothed", "heavy-ball-decayed", "plain-smoothed"])
-def test_a_training_step_computes_the_recipes_loss_and_sgd_update(flags):
+def test_a_training_step_computes_the_recipes_loss_and_sgd_update(recipe_flags):
     """Each flag of the loss and the optimizer is one a step is seen to follow: a step that dropped any of them
     (the smoothing, the rate, momentum, Nesterov, the decay) would end on other losses or weights."""
     # One epoch of three steps, where a cosine schedule or a warmup would move the rate a long way from lr.
-    recipe = cli.Recipe(**flags, epochs=1, warmup_epochs=0.0, schedule="constant")
+    recipe = flags.Recipe(**recipe_flags, epochs=1, warmup_epochs=0.0, schedule="constant")
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5))
     by_hand = copy.deepcopy(net)
@@ -134,7 +134,7 @@ def test_the_checkpoint_of_an_epoch_holds_its_last_weights_while_the_next_epoch_
             updated.set()
             raise KeyboardInterrupt
 
-    real_cpu_copy = runs.cpu_copy
+    real_cpu_copy = store.cpu_copy
 
     def held_back_cpu_copy(state, reuse=None):
         if threading.current_thread() is not threading.main_thread() and not held.is_set():
@@ -142,7 +142,7 @@ def test_the_checkpoint_of_an_epoch_holds_its_last_weights_while_the_next_epoch_
             updated.wait(timeout=2)
         return real_cpu_copy(state, reuse)
 
-    monkeypatch.setattr(runs, "cpu_copy", held_back_cpu_copy)
+    monkeypatch.setattr(store, "cpu_copy", held_back_cpu_copy)
     hook = register_optimizer_step_post_hook(after_update)  # every optimizer's: the run's is made inside
     try:
         argv = tiny_args(cifar10_dir, tmp_path, epochs=2, subset=subset)

@@ -1,4 +1,4 @@
-"""report.py: the HTML pages a user opens from the file system or zips and sends."""
+"""reports/pages.py: the HTML pages a user opens from the file system or zips and sends."""
 import base64
 import dataclasses
 import hashlib
@@ -10,10 +10,9 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 import plot
-import report
-import run_files
-import summary
 from model import MODELS
+from reports import pages, summary
+from runfolder import declarations
 
 METRICS_HEADER = "epoch,lr,train_loss,train_acc,val_loss,val_acc,val_top5,epoch_seconds"
 # A 1x1 PNG: the pages only link images, so any valid one will do.
@@ -129,10 +128,10 @@ def write_pages(results: Path) -> dict[Path, list[dict]]:
         rows = summary.group_runs(runs, names)
         (dataset_dir / "summary.md").write_text(summary.summary_markdown(dataset_dir.name, rows))
         (dataset_dir / "comparison.png").write_bytes(TINY_PNG)
-        assert report.write_dataset_page(dataset_dir, rows, index_link=True) == \
+        assert pages.write_dataset_page(dataset_dir, rows, index_link=True) == \
             dataset_dir / "index.html"
         rows_by_dataset[dataset_dir] = rows
-    assert report.write_index(results, rows_by_dataset) == results / "index.html"
+    assert pages.write_index(results, rows_by_dataset) == results / "index.html"
     return rows_by_dataset
 
 
@@ -175,7 +174,7 @@ def test_data_from_the_run_files_cannot_inject_markup(results):
     write_pages(results)
     html_text = (results / "cifar10" / "index.html").read_text()
     page = Page(results / "cifar10" / "index.html")
-    assert page.scripts == [report.SORT_SCRIPT]  # the sorting script and nothing else
+    assert page.scripts == [pages.SORT_SCRIPT]  # the sorting script and nothing else
     assert EVIL_CLASS not in html_text and "<script>alert" not in html_text
     assert "&lt;img src=x onerror=alert(1)&gt;" in html_text
     text = "".join(page.text)
@@ -193,11 +192,11 @@ def test_no_field_of_any_run_file_becomes_markup(tmp_path):
     dataset_dir = tmp_path / "results" / "cifar10"
     run_dir = make_run(dataset_dir, "cnn_base", "x")
     config = json.loads((run_dir / "config.json").read_text())
-    config.update({name: crafted(name) for name in (*report.SETTINGS, *config) if name != "model"})
+    config.update({name: crafted(name) for name in (*pages.SETTINGS, *config) if name != "model"})
     (run_dir / "config.json").write_text(json.dumps(config))
-    summary_fields = [field.name for field in dataclasses.fields(run_files.Summary)]
+    summary_fields = [field.name for field in dataclasses.fields(declarations.Summary)]
     (run_dir / "summary.json").write_text(json.dumps({name: crafted(name) for name in summary_fields}))
-    evaluation = {field.name: crafted(field.name) for field in dataclasses.fields(run_files.Evaluation)}
+    evaluation = {field.name: crafted(field.name) for field in dataclasses.fields(declarations.Evaluation)}
     evaluation["per_class"] = {crafted("class"): crafted("class-accuracy")}
     (run_dir / "eval.json").write_text(json.dumps(evaluation))
     write_pages(tmp_path / "results")
@@ -207,12 +206,12 @@ def test_no_field_of_any_run_file_becomes_markup(tmp_path):
     text = "".join(Page(dataset_dir / "index.html").text)
     shown = [name for name in (*config, *summary_fields, *evaluation, "class") if crafted(name) in text]
     assert {"tag", "amp", "aug", "checkpoint_epoch", "images", "class"} <= set(shown)
-    policy = report.CONTENT_POLICY
+    policy = pages.CONTENT_POLICY
     assert "default-src 'none'" in policy and "unsafe" not in policy.split("script-src")[1]
-    script_hash = base64.b64encode(hashlib.sha256(report.SORT_SCRIPT.encode()).digest()).decode()
+    script_hash = base64.b64encode(hashlib.sha256(pages.SORT_SCRIPT.encode()).digest()).decode()
     assert f"script-src 'sha256-{script_hash}'" in policy
     assert f'<meta http-equiv="Content-Security-Policy" content="{policy}">' in html_text
-    assert Page(dataset_dir / "index.html").scripts == [report.SORT_SCRIPT]
+    assert Page(dataset_dir / "index.html").scripts == [pages.SORT_SCRIPT]
 
 
 def test_index_links_each_dataset_page(results):
@@ -233,14 +232,14 @@ def test_the_index_page_is_exactly_a_line_and_a_figure_per_dataset(tmp_path):
     make_run(results / "cifar100", "cnn_base", None, finished=False)
     rows_by_dataset = write_pages(results)
     (results / "cifar100" / "comparison.png").unlink()
-    report.write_index(results, rows_by_dataset)
+    pages.write_index(results, rows_by_dataset)
     figure = ('<a href="cifar10/comparison.png"><img src="cifar10/comparison.png" '
               'alt="comparison of the models on CIFAR-10" loading="lazy"></a>')
     assert (results / "index.html").read_text().splitlines() == [
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f'<meta http-equiv="Content-Security-Policy" content="{report.CONTENT_POLICY}">',
+        f'<meta http-equiv="Content-Security-Policy" content="{pages.CONTENT_POLICY}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">', "<title>Results</title>",
-        *f"<style>{report.STYLE}</style>".splitlines(), "</head>", "<body>", "<h1>Results</h1>", "<ul>",
+        *f"<style>{pages.STYLE}</style>".splitlines(), "</head>", "<body>", "<h1>Results</h1>", "<ul>",
         '<li><a href="cifar10/index.html">CIFAR-10</a>: 3 runs of 2 models; best test accuracy 52.00% '
         "(cnn_densenet121)</li>",
         '<li><a href="cifar100/index.html">CIFAR-100</a>: 1 run of 1 model</li>', "</ul>",
@@ -255,11 +254,11 @@ def test_each_run_has_a_readable_id_of_its_own_and_links_are_quoted(tmp_path):
         make_run(dataset_dir, "cnn_base", tag)
     names = list(MODELS)
     rows = summary.group_runs([summary.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())], names)
-    assert report._run_ids(rows) == {"cnn_base-a b#1": "run-cnn_base-a_b_1", "cnn_base-a_b_1": "run-cnn_base-a_b_1-1",
+    assert pages._run_ids(rows) == {"cnn_base-a b#1": "run-cnn_base-a_b_1", "cnn_base-a_b_1": "run-cnn_base-a_b_1-1",
                                      'cnn_base-q"<': "run-cnn_base-q__"}
-    html_text = report.write_dataset_page(dataset_dir, rows).read_text()
+    html_text = pages.write_dataset_page(dataset_dir, rows).read_text()
     assert 'src="cnn_base-a%20b%231/curves.png"' in html_text and 'src="cnn_base-q%22%3C/curves.png"' in html_text
-    assert report._href('a"b&c') == "a%22b%26c" and report._href("x'y") == "x%27y"
+    assert pages._href('a"b&c') == "a%22b%26c" and pages._href("x'y") == "x%27y"
     assert html_text.count("<script>") == 1  # the sorting script of a table page
 
 
@@ -274,8 +273,8 @@ def test_each_run_section_says_exactly_what_its_files_hold(tmp_path):
     (make_run(dataset_dir, "cnn_vgg11", "broken") / "config.json").write_text("{")
     names = list(MODELS)
     rows = summary.group_runs([summary.read_run(run_dir, names) for run_dir in sorted(dataset_dir.iterdir())], names)
-    ids = report._run_ids(rows)
-    sections = {run["run_dir"]: report.run_section(dataset_dir, run, ids[run["run_dir"]]).splitlines()
+    ids = pages._run_ids(rows)
+    sections = {run["run_dir"]: pages.run_section(dataset_dir, run, ids[run["run_dir"]]).splitlines()
                 for row in rows for run in row["members"]}
 
     def settings(model, epochs, seed, tag):
@@ -311,7 +310,7 @@ def test_each_run_section_says_exactly_what_its_files_hold(tmp_path):
         "cnn_vgg11-broken", ["finished, 3/3 epochs", "best valid accuracy 55.00% (epoch 3)",
                              "test accuracy 50.00% (best.pt, epoch 3), 49.00% (final weights)"],
         '<p class="muted">no readable config.json</p>', not_evaluated)
-    table = report._summary_table(rows, ids).splitlines()
+    table = pages._summary_table(rows, ids).splitlines()
     assert table[:3] == ['<div class="scroll"><table class="sortable" id="summary">', table[1], "<tbody>"]
     assert table[-1] == "</tbody></table></div>" and len(table) == 3 + len(rows) + 1
 
@@ -342,7 +341,7 @@ def test_page_without_optional_files_links_nothing_missing(tmp_path):
     (run_dir / "curves.png").unlink()
     names = list(MODELS)
     rows = summary.group_runs([summary.read_run(run_dir, names)], names)
-    page_path = report.write_dataset_page(dataset_dir, rows)
+    page_path = pages.write_dataset_page(dataset_dir, rows)
     page = Page(page_path)
     assert page.images == [] and "../index.html" not in page.links  # no results/index.html yet
     assert_links_resolve(page_path, page)
@@ -353,7 +352,7 @@ def test_page_without_optional_files_links_nothing_missing(tmp_path):
     for name in ("summary.md", "summary.csv"):
         (dataset_dir / name).write_text("x")
     (tmp_path / "index.html").write_text("x")  # results/index.html now exists: linked without being asked
-    body = report.write_dataset_page(dataset_dir, rows).read_text().split("<body>\n")[1].splitlines()
+    body = pages.write_dataset_page(dataset_dir, rows).read_text().split("<body>\n")[1].splitlines()
     assert body[:3] == ['<p><a href="../index.html">all datasets</a></p>', "<h1>CIFAR-10 results</h1>",
                         "<p>1 run of 1 model. Click a column header to sort. The same table as "
                         '<a href="summary.md">summary.md</a>, <a href="summary.csv">summary.csv</a>.</p>']
@@ -361,8 +360,8 @@ def test_page_without_optional_files_links_nothing_missing(tmp_path):
 
 def test_plot_py_on_the_results_root_writes_every_page(results, capsys):
     assert plot.main([str(results)]) == 0
-    pages = [results / "index.html", results / "cifar10" / "index.html",
+    page_files = [results / "index.html", results / "cifar10" / "index.html",
              results / "cifar100" / "index.html"]
-    for page_path in pages:
+    for page_path in page_files:
         assert_links_resolve(page_path, Page(page_path))
     assert str(results / "index.html") in capsys.readouterr().out

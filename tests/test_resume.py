@@ -12,19 +12,18 @@ import pytest
 import torch
 from test_train import read_metrics, tiny_args
 
-import cli
-import run_files
-import runs
 import train
 from conftest import without_time
 from model import DEFAULT_LR, MODELS
-from optimization import make_optimization
+from runfolder import declarations, store
+from training import flags
+from training.optimization import make_optimization
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
 
 
-def training_of(recipe: cli.Recipe, steps_per_epoch: int, amp_dtype=None) -> train.Training:
+def training_of(recipe: flags.Recipe, steps_per_epoch: int, amp_dtype=None) -> train.Training:
     torch.manual_seed(recipe.seed)
     net = MODELS[recipe.model].build(10)
     return train.Training(net, net, make_optimization(net, recipe, steps_per_epoch, CPU, amp_dtype), 0, 0)
@@ -42,13 +41,13 @@ def take_steps(training: train.Training, count: int) -> None:
 def saved_state():
     """A LastCheckpoint of 1 epoch (4 steps, fp16 so that the loss scaler is in use) whose every piece
     differs from what a fresh start has, and what the generators draw after it was taken."""
-    recipe = cli.Recipe(model="cnn_base", epochs=3, lr=0.05)
+    recipe = flags.Recipe(model="cnn_base", epochs=3, lr=0.05)
     source = training_of(recipe, steps_per_epoch=4, amp_dtype=torch.float16)
     take_steps(source, 4)
     source.optimization.scaler.update(new_scale=1024.0)  # as if some steps had overflowed
-    rng = runs.get_rng_state(CPU)
+    rng = store.get_rng_state(CPU)
     draws = (torch.rand(3), np.random.rand(3), random.random())
-    checkpoint = run_files.LastCheckpoint(
+    checkpoint = declarations.LastCheckpoint(
         config={"model": "cnn_base", "dataset": "cifar10"}, epoch=1, model=source.raw_net.state_dict(),
         optimizer=source.optimization.optimizer.state_dict(),
         scheduler=source.optimization.scheduler.state_dict(),
@@ -61,7 +60,7 @@ def test_a_resume_puts_back_the_log_line_of_an_epoch_a_kill_left_out(cifar10_dir
     """A kill between an epoch's last.pt and its log line leaves log.txt an epoch short; the resume writes the
     line back from last.pt (once, as it was), as it rewrites metrics.csv."""
     assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, epochs=2)) == 0
-    log = tmp_path / "cifar10" / "cnn_base" / run_files.LOG_FILE
+    log = tmp_path / "cifar10" / "cnn_base" / declarations.LOG_FILE
     lines = log.read_text().splitlines()
     [epoch_2] = [line for line in lines if line.startswith("Epoch 2/2, ")]
     log.write_text("\n".join(lines[:lines.index(epoch_2)]) + "\n")  # as if killed before the line
@@ -75,7 +74,7 @@ def test_a_resume_puts_back_the_log_line_of_an_epoch_a_kill_left_out(cifar10_dir
 
 def test_restore_puts_back_every_piece_of_last_pt(saved_state, tmp_path):
     source, checkpoint, draws = saved_state
-    fresh = training_of(cli.Recipe(model="cnn_base", epochs=3, lr=0.05, seed=7), 4, torch.float16)
+    fresh = training_of(flags.Recipe(model="cnn_base", epochs=3, lr=0.05, seed=7), 4, torch.float16)
     torch.manual_seed(123), np.random.seed(123), random.seed(123)
     progress = train.restore(checkpoint, fresh, SimpleNamespace(procs=SimpleNamespace(device=CPU), folder=tmp_path))
 
@@ -93,7 +92,7 @@ def test_restore_puts_back_every_piece_of_last_pt(saved_state, tmp_path):
     assert progress.best == {"epoch": 1, "val_acc": 0.5}
     assert progress.start_epoch == 1
     assert [row["epoch"] for row in progress.history] == ["1"]
-    assert set(progress.history[0]) == set(run_files.METRIC_COLUMNS)  # older rows completed with defaults
+    assert set(progress.history[0]) == set(declarations.METRIC_COLUMNS)  # older rows completed with defaults
 
 
 def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_fits():
@@ -101,17 +100,17 @@ def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_
     and dtype match, nested in dicts and lists alike; everything else as it is."""
     live = {"weight": torch.ones(3), "state": {0: {"momentum_buffer": torch.zeros(2)}}, "pair": [torch.ones(1)],
             "param_groups": [{"lr": 0.1, "params": [0]}]}
-    first = runs.cpu_copy(live)
+    first = store.cpu_copy(live)
     live["weight"].add_(1)
-    second = runs.cpu_copy(live, first)
+    second = store.cpu_copy(live, first)
     assert second["weight"] is first["weight"] and second["weight"] is not live["weight"]
     assert torch.equal(second["weight"], torch.full((3,), 2.0))
     assert second["state"][0]["momentum_buffer"] is first["state"][0]["momentum_buffer"]
     assert second["pair"][0] is first["pair"][0] and second["param_groups"] == live["param_groups"]
     live["weight"].add_(1)
     assert torch.equal(second["weight"], torch.full((3,), 2.0))  # a copy, not the live tensor
-    other_shape = runs.cpu_copy(torch.ones(4), first["weight"])
-    other_dtype = runs.cpu_copy(torch.ones(3, dtype=torch.float64), first["weight"])
+    other_shape = store.cpu_copy(torch.ones(4), first["weight"])
+    other_dtype = store.cpu_copy(torch.ones(3, dtype=torch.float64), first["weight"])
     assert other_shape is not first["weight"] and other_shape.shape == (4,)
     assert other_dtype is not first["weight"] and other_dtype.dtype == torch.float64
     assert torch.equal(first["weight"], torch.full((3,), 2.0))  # left alone by copies that do not fit
@@ -119,16 +118,16 @@ def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_
 
 # -- what check_run_folder lets start ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", [run_files.LAST_CHECKPOINT, run_files.METRICS_FILE])
+@pytest.mark.parametrize("name", [declarations.LAST_CHECKPOINT, declarations.METRICS_FILE])
 def test_either_file_of_a_run_alone_makes_the_folder_a_run(tmp_path, name):
     """A kill between epoch 1's last.pt and its metrics.csv leaves last.pt alone: the same command without
     --resume must not start over on it."""
     (tmp_path / name).write_bytes(b"")
-    with pytest.raises(runs.UsageError) as refused:
-        runs.check_run_folder(tmp_path, resume=False, overwrite=False)
+    with pytest.raises(store.UsageError) as refused:
+        store.check_run_folder(tmp_path, resume=False, overwrite=False)
     assert str(refused.value) == (f"{tmp_path} already holds a run: pass --resume to continue it or --overwrite "
                                   "to start over (or another --tag)")
-    assert runs.check_run_folder(tmp_path, resume=False, overwrite=True) is None
+    assert store.check_run_folder(tmp_path, resume=False, overwrite=True) is None
 
 
 def test_a_results_folder_that_is_not_writable_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -136,17 +135,17 @@ def test_a_results_folder_that_is_not_writable_is_refused_in_one_line(tmp_path, 
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: not (os.fspath(path) == os.fspath(tmp_path)
                                                              and mode & os.W_OK) and real_access(path, mode))
-    with pytest.raises(runs.UsageError) as refused:
-        runs.check_run_folder(tmp_path / "cifar10" / "cnn_base", resume=False, overwrite=False)
+    with pytest.raises(store.UsageError) as refused:
+        store.check_run_folder(tmp_path / "cifar10" / "cnn_base", resume=False, overwrite=False)
     assert str(refused.value) == (f"cannot write {tmp_path / 'cifar10' / 'cnn_base'}: {tmp_path} is not writable; "
                                   "pick another --results-dir")
 
 
 def test_a_last_pt_that_loads_but_is_no_checkpoint_is_refused_in_one_line(tmp_path):
-    torch.save([1, 2, 3], tmp_path / run_files.LAST_CHECKPOINT)
-    with pytest.raises(runs.UsageError) as refused:
-        runs.check_run_folder(tmp_path, resume=True, overwrite=False)
-    assert str(refused.value) == (f"{tmp_path / run_files.LAST_CHECKPOINT} is not a last.pt of this project; start "
+    torch.save([1, 2, 3], tmp_path / declarations.LAST_CHECKPOINT)
+    with pytest.raises(store.UsageError) as refused:
+        store.check_run_folder(tmp_path, resume=True, overwrite=False)
+    assert str(refused.value) == (f"{tmp_path / declarations.LAST_CHECKPOINT} is not a last.pt of this project; start "
                                   "over with --overwrite")
 
 
@@ -155,14 +154,14 @@ def test_a_checkpoint_saved_from_a_gpu_resumes_on_the_cpu(tmp_path, monkeypatch)
     with monkeypatch.context() as patch:
         patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
         torch.save({"weight": torch.arange(3.0)}, tmp_path / "last.pt")
-    loaded = runs.load_checkpoint(tmp_path / "last.pt")
+    loaded = store.load_checkpoint(tmp_path / "last.pt")
     assert loaded["weight"].device == CPU and torch.equal(loaded["weight"], torch.arange(3.0))
 
 
 def test_a_step_runs_the_forward_pass_under_the_runs_autocast():
     net, dtypes = torch.nn.Linear(4, 3), []
     net.register_forward_hook(lambda module, args, output: dtypes.append(output.dtype))
-    training = make_optimization(net, cli.Recipe(lr=0.05), 10, CPU, torch.bfloat16)
+    training = make_optimization(net, flags.Recipe(lr=0.05), 10, CPU, torch.bfloat16)
     training.step(net, torch.randn(2, 4), torch.tensor([0, 1]))
     assert dtypes == [torch.bfloat16]
 
@@ -219,7 +218,7 @@ def test_resume_takes_the_recipe_and_schedule_from_last_pt_not_the_defaults(cifa
 # The schedule, as the optimizer sees it step by step
 
 
-def learning_rates(recipe: cli.Recipe, steps_per_epoch: int) -> list[float]:
+def learning_rates(recipe: flags.Recipe, steps_per_epoch: int) -> list[float]:
     training = training_of(recipe, steps_per_epoch)
     rates = []
     for _ in range(recipe.epochs * steps_per_epoch):
@@ -230,7 +229,7 @@ def learning_rates(recipe: cli.Recipe, steps_per_epoch: int) -> list[float]:
 
 
 def test_the_schedule_warms_up_per_step_then_decays_by_cosine_to_zero():
-    rates = learning_rates(cli.Recipe(model="cnn_base", epochs=4, lr=0.1, warmup_epochs=1), steps_per_epoch=10)
+    rates = learning_rates(flags.Recipe(model="cnn_base", epochs=4, lr=0.1, warmup_epochs=1), steps_per_epoch=10)
     assert rates[:10] == pytest.approx([0.01 * (step + 1) for step in range(10)])  # warmup: 1/10 ... 10/10
     after = rates[10:]
     assert after == pytest.approx([0.05 * (1 + math.cos(math.pi * step / 30)) for step in range(30)])
@@ -241,7 +240,7 @@ def test_the_schedule_warms_up_per_step_then_decays_by_cosine_to_zero():
 @pytest.mark.parametrize("momentum, nesterov", [(0.9, True), (0.9, False), (0.0, True)])
 def test_the_optimizer_is_sgd_with_the_recipes_momentum_nesterov_and_weight_decay(momentum, nesterov):
     """Nesterov as the recipe asks, where there is momentum (torch refuses it without)."""
-    recipe = cli.Recipe(model="cnn_base", lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=3e-4)
+    recipe = flags.Recipe(model="cnn_base", lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=3e-4)
     optimizer = make_optimization(torch.nn.Linear(2, 2), recipe, 10, torch.device("cpu"), None).optimizer
     group = optimizer.param_groups[0]
     assert isinstance(optimizer, torch.optim.SGD)
@@ -250,12 +249,12 @@ def test_the_optimizer_is_sgd_with_the_recipes_momentum_nesterov_and_weight_deca
 
 
 def test_no_warmup_starts_at_the_peak_and_warmup_longer_than_the_run_never_decays():
-    assert learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=0), 5)[0] == 0.1
-    rates = learning_rates(cli.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=5), 5)
+    assert learning_rates(flags.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=0), 5)[0] == 0.1
+    rates = learning_rates(flags.Recipe(model="cnn_base", epochs=2, lr=0.1, warmup_epochs=5), 5)
     assert rates == pytest.approx([0.01 * (step + 1) for step in range(10)])
 
 
 def test_default_learning_rates_per_model():
-    assert cli.with_default_lr(cli.Recipe(model="cnn_base")).lr == MODELS["cnn_base"].lr
-    assert cli.with_default_lr(cli.Recipe(model="cnn_resnet18")).lr == DEFAULT_LR == 0.1
-    assert MODELS["cnn_base"].lr == 0.05 and cli.with_default_lr(cli.Recipe(model="cnn_base", lr=0.3)).lr == 0.3
+    assert flags.with_default_lr(flags.Recipe(model="cnn_base")).lr == MODELS["cnn_base"].lr
+    assert flags.with_default_lr(flags.Recipe(model="cnn_resnet18")).lr == DEFAULT_LR == 0.1
+    assert MODELS["cnn_base"].lr == 0.05 and flags.with_default_lr(flags.Recipe(model="cnn_base", lr=0.3)).lr == 0.3

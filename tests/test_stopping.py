@@ -1,4 +1,4 @@
-"""Stopping a run and starting it again (stopping.py): SIGUSR1 stops after the epoch with exit 75 (under
+"""Stopping a run and starting it again (training/stopping.py): SIGUSR1 stops after the epoch with exit 75 (under
 torchrun too), and --auto-resume starts, resumes or reports a run, whichever its folder calls for. Real
 processes on the CPU. (SIGTERM, which stops a run now with exit 143, and --auto-resume on a folder in use,
 exit 73, are checked on one running process in test_faults.py.)"""
@@ -16,7 +16,7 @@ from test_train import assert_one_line_error, read_metrics, snapshot, tiny_args
 
 import train
 from conftest import REPO_ROOT, STARTED, without_time
-from errors import STOPPED_EXIT
+from core.errors import STOPPED_EXIT
 
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")  # --deterministic runs in this process
 

@@ -17,7 +17,7 @@ from test_train import assert_one_line_error, read_metrics
 import sweep
 import train
 from conftest import REPO_ROOT, STARTED, without_time
-from errors import INTERRUPTED_EXIT, STOPPED_EXIT
+from core.errors import INTERRUPTED_EXIT, STOPPED_EXIT
 
 SEEDS = ["0", "1", "2"]
 

@@ -1,4 +1,4 @@
-"""tensorboard_log.py: a resumed run continues the same TensorBoard curves, each epoch once."""
+"""runfolder/tensorboard_events.py: a resumed run continues the same TensorBoard curves, each epoch once."""
 import sys
 
 import pytest
@@ -6,8 +6,8 @@ import pytest
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-import tensorboard_log  # noqa: E402
-from tensorboard_log import SCALAR_TAGS, EpochLog  # noqa: E402
+from runfolder import tensorboard_events  # noqa: E402
+from runfolder.tensorboard_events import SCALAR_TAGS, EpochLog  # noqa: E402
 
 
 def metrics_row(epoch: int) -> dict:
@@ -69,8 +69,8 @@ def test_starting_over_clears_the_old_events(tmp_path):
 
 def test_missing_tensorboard_is_one_line_saying_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # makes `import tensorboard` fail
-    with pytest.raises(tensorboard_log.TensorBoardMissing) as error:
-        tensorboard_log.require_tensorboard()
+    with pytest.raises(tensorboard_events.TensorBoardMissing) as error:
+        tensorboard_events.require_tensorboard()
     assert "pip install tensorboard" in str(error.value) and "\n" not in str(error.value)
 
 

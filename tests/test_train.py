@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import run_files
-import runs
 import train
 from conftest import REPO_ROOT, message_lines, without_time, write_pickle
+from runfolder import declarations, store
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
@@ -68,7 +67,7 @@ def test_a_run_writes_every_file_with_the_documented_contents(finished_run):
     for name in RUN_FILES:
         assert (run_dir / name).is_file(), name
     rows = read_metrics(run_dir)
-    assert list(rows[0]) == list(run_files.METRIC_COLUMNS)
+    assert list(rows[0]) == list(declarations.METRIC_COLUMNS)
     assert [int(row["epoch"]) for row in rows] == [1, 2]
     for row in rows:
         for column in ("train_acc", "val_acc", "val_top5"):
@@ -159,12 +158,12 @@ def test_the_log_prints_each_line_at_once_and_rewrites_log_txt(tmp_path, monkeyp
     log.txt holds every line so far; a rank other than 0 says nothing."""
     flushed = []
     monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append(True))
-    say = runs.make_logger(True, tmp_path, [])
+    say = store.make_logger(True, tmp_path, [])
     say("a")
     say("b")
-    assert len(flushed) == 2 and (tmp_path / run_files.LOG_FILE).read_text() == "a\nb\n"
-    runs.make_logger(False, tmp_path, [])("c")
-    assert len(flushed) == 2 and (tmp_path / run_files.LOG_FILE).read_text() == "a\nb\n"
+    assert len(flushed) == 2 and (tmp_path / declarations.LOG_FILE).read_text() == "a\nb\n"
+    store.make_logger(False, tmp_path, [])("c")
+    assert len(flushed) == 2 and (tmp_path / declarations.LOG_FILE).read_text() == "a\nb\n"
 
 
 def test_resume_of_a_finished_run_says_so(finished_run, tmp_path):
@@ -226,7 +225,7 @@ def test_a_results_dir_that_cannot_be_written_is_refused(cifar10_dir, tmp_path, 
 
 def test_a_results_dir_without_write_permission_is_refused(cifar10_dir, tmp_path, capsys, monkeypatch):
     # The tests run as root, who may write anywhere: the permission check is made to say no.
-    monkeypatch.setattr(runs.os, "access", lambda path, mode: Path(path) != tmp_path)
+    monkeypatch.setattr(store.os, "access", lambda path, mode: Path(path) != tmp_path)
     assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path / "results")) == 2
     assert_one_line_error(capsys.readouterr().err, f"{tmp_path} is not writable", "--results-dir")
     assert list(tmp_path.iterdir()) == []

@@ -1,7 +1,7 @@
 """The course lab's experiment: the recipe its report trained the course's 15 models with (--recipe course), and
-the figures its report printed (course_report.csv), which the summary shows beside runs of that recipe.
+the figures its report printed (core/course_report.csv), which the summary shows beside runs of that recipe.
 
-Cheap to import (no torch): cli.py takes the recipe from here, summary.py the figures.
+Cheap to import (no torch): training/flags.py takes the recipe from here, reports/summary.py the figures.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class ReportFigures:
 
 
 def report_figures(path: Path = REPORT_FILE) -> dict[tuple[str, str], ReportFigures]:
-    """The report's tables by (dataset, --model name), read from course_report.csv ('#' lines are comments)."""
+    """The report's tables by (dataset, --model name), read from core/course_report.csv ('#' lines are comments)."""
     with open(path, newline="") as report:
         rows = csv.DictReader(line for line in report if not line.startswith("#"))
         return {(row["dataset"], row["model"]): ReportFigures(

@@ -1,6 +1,6 @@
 """The summary table of a dataset folder: its rows (the runs read from their folders, seeds of one model
 grouped), its one column specification, its footnotes, and its two text forms, summary.csv and summary.md.
-plot.py draws the comparison figure from the same rows and report.py puts the same table in the HTML page.
+plot.py draws the comparison figure from the same rows and reports/pages.py puts the same table in the HTML page.
 """
 from __future__ import annotations
 
@@ -13,9 +13,18 @@ from typing import Callable
 
 import numpy as np
 
-import course
-import runs
-from run_files import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, RunFacts, RunFileError, Summary, as_number, read_metrics
+from core import course
+from runfolder import store
+from runfolder.declarations import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    RunFacts,
+    RunFileError,
+    Summary,
+    as_number,
+    read_metrics,
+)
 
 # Columns averaged over the runs of one summary row (mean, and sample std when there are several).
 AVERAGED_FIELDS = ("train_acc", "best_val_acc", "best_epoch", "test_acc", "final_test_acc",
@@ -58,8 +67,8 @@ def split_run_name(run_name: str, model_names: list[str]) -> tuple[str, str | No
 def read_run(run_dir: Path, model_names: list[str]) -> dict:
     """Everything the summary needs about one run; RunFileError if its metrics.csv is malformed."""
     metrics = read_metrics(run_dir / METRICS_FILE)
-    config = runs.read_json(run_dir / CONFIG_FILE) or {}
-    summary = runs.read_record(run_dir / SUMMARY_FILE, Summary)
+    config = store.read_json(run_dir / CONFIG_FILE) or {}
+    summary = store.read_record(run_dir / SUMMARY_FILE, Summary)
     facts = RunFacts.from_dict(config, run_dir / CONFIG_FILE, partial=True)
     model, tag = split_run_name(run_dir.name, model_names)
     if "model" in config:
@@ -116,12 +125,12 @@ def read_runs(dataset_dir: Path, model_names: list[str]) -> list[dict]:
     records = []
     for run_dir in sorted(path for path in dataset_dir.iterdir() if path.is_dir()):
         if not (run_dir / METRICS_FILE).is_file():
-            runs.warn(f"skipping {run_dir}: no metrics.csv")
+            store.warn(f"skipping {run_dir}: no metrics.csv")
             continue
         try:
             records.append(read_run(run_dir, model_names))
         except RunFileError as err:
-            runs.warn(f"skipping {err}")
+            store.warn(f"skipping {err}")
     return records
 
 

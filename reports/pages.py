@@ -4,9 +4,9 @@ The pages open from the file system and can be zipped and sent: every link is re
 fetched (no external CSS, scripts or fonts) and images are linked only when the file is there.
 Everything taken from the run files (model names, tags, class names, paths, any JSON string) goes
 through html.escape, so a crafted class name or tag shows as text instead of running as markup.
-The summary table is summary.py's (same rows, columns and footnotes as summary.md); a few lines of inline
+The summary table is reports/summary.py's (same rows, columns and footnotes as summary.md); a few lines of inline
 script sort it by a clicked column header, and without script it reads in summary.md's order. The settings
-shown per run are the flags cli.py declares as reported, as config.json holds them.
+shown per run are the flags training/flags.py declares as reported, as config.json holds them.
 """
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-import runs
-from cli import REPORTED_FLAGS
-from run_files import (
+from reports.summary import pretty_dataset, table_columns, table_notes
+from runfolder import store
+from runfolder.declarations import (
     COMPARISON_FILE,
     CONFIG_FILE,
     CONFUSION_FILE,
@@ -35,8 +35,8 @@ from run_files import (
     Summary,
     as_number,
 )
-from runs import write_text
-from summary import pretty_dataset, table_columns, table_notes
+from runfolder.store import write_text
+from training.flags import REPORTED_FLAGS
 
 # The settings a reader compares between runs, in this order, when config.json has them: the reported
 # flags, then what the run found (validation set, GPU, processes, torch version).
@@ -189,7 +189,7 @@ def _results_lines(run: dict, summary: Summary | None) -> str:
 
 
 def _evaluation(run_dir: Path, name: str) -> str:
-    evaluation = runs.read_record(run_dir / EVAL_FILE, Evaluation)
+    evaluation = store.read_record(run_dir / EVAL_FILE, Evaluation)
     if evaluation is None:
         return '<p class="muted">not evaluated (no usable eval.json; run it with --eval-only)</p>'
     epoch = evaluation.checkpoint_epoch
@@ -217,8 +217,8 @@ def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:
         f'<section class="run" id="{run_id}">',
         f'<h3>{escape(name)} <a class="muted" href="#summary">(back to the table)</a></h3>',
         '<div class="columns"><div>',
-        _results_lines(run, runs.read_record(run_dir / SUMMARY_FILE, Summary)),
-        _settings_list(runs.read_json(run_dir / CONFIG_FILE) or {}),
+        _results_lines(run, store.read_record(run_dir / SUMMARY_FILE, Summary)),
+        _settings_list(store.read_json(run_dir / CONFIG_FILE) or {}),
         "</div><div>",
         _image(run_dir / CURVES_FILE, f"{name}/{CURVES_FILE}", f"curves of {name}",
                "no curves.png"),

@@ -2,7 +2,7 @@
 epoch best.pt (when the epoch is the best so far), last.pt, metrics.csv, curves.png, the epoch's log line and
 its TensorBoard events, in that order.
 
-The epoch's files are written on a background thread (runs.BackgroundWriter) from a copy of the state on
+The epoch's files are written on a background thread (store.BackgroundWriter) from a copy of the state on
 the CPU, so the next epoch trains meanwhile: the loop only waits for the copy (and, should a save take
 longer than an epoch, for the previous save). Every file is still written atomically and last.pt first
 among the checkpoint's dependents, so a SIGKILL at any moment leaves a folder that --resume continues
@@ -32,13 +32,11 @@ from typing import Callable, Iterator, TextIO
 import torch
 
 import plot
-import run_files
-import runs
-import tensorboard_log
-from run_files import BestCheckpoint, EpochMetrics, LastCheckpoint
+from runfolder import declarations, store, tensorboard_events
+from runfolder.declarations import BestCheckpoint, EpochMetrics, LastCheckpoint
 
 CURVES_EVERY_SECONDS = 10.0
-PROJECT_ROOT = Path(__file__).resolve().parent  # where the drawing process imports this module from
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # where the drawing process imports this module from
 EPOCH_LINE = re.compile(r"Epoch (\d+)/\d+, ")  # the start of epoch_line's lines
 
 
@@ -87,7 +85,7 @@ class CurvesDrawer:
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
         self._drawing: Path | None = None  # the curves.png being drawn
-        self._failure: runs.WriteFailed | None = None
+        self._failure: store.WriteFailed | None = None
 
     def busy(self) -> bool:
         """Whether a drawing is under way; a finished one's answer is taken in."""
@@ -102,10 +100,10 @@ class CurvesDrawer:
         if self._process is None:
             # Its stdout carries the answers alone: whatever else prints goes to stderr.
             code = ("import sys; answers, sys.stdout = sys.stdout, sys.stderr; sys.path.insert(0, sys.argv[1]); "
-                    "import recording; recording.serve_curves(answers)")
+                    "from training import recording; recording.serve_curves(answers)")
             self._process = subprocess.Popen([sys.executable, "-c", code, str(PROJECT_ROOT)], stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, text=True, start_new_session=True)
-        self._drawing = Path(folder) / run_files.CURVES_FILE
+        self._drawing = Path(folder) / declarations.CURVES_FILE
         try:
             self._process.stdin.write(json.dumps(str(folder)) + "\n")
             self._process.stdin.flush()
@@ -113,13 +111,13 @@ class CurvesDrawer:
             pass
         return True
 
-    def failure(self) -> runs.WriteFailed | None:
+    def failure(self) -> store.WriteFailed | None:
         """The failure of a finished drawing not yet handed over, if any; once."""
         self.busy()
         failure, self._failure = self._failure, None
         return failure
 
-    def close(self) -> runs.WriteFailed | None:
+    def close(self) -> store.WriteFailed | None:
         """Wait for the drawing under way and end the process; the failure not yet handed over, if any."""
         if self._process is not None:
             if self._drawing is not None:
@@ -143,7 +141,7 @@ class CurvesDrawer:
         except ValueError:
             failed = [str(self._drawing), f"the drawing process answered {answer.strip()[:200]!r}"]
         if failed is not None and self._failure is None:
-            self._failure = runs.WriteFailed(Path(failed[0]), failed[1])
+            self._failure = store.WriteFailed(Path(failed[0]), failed[1])
         self._drawing = None
 
 
@@ -158,10 +156,10 @@ def serve_curves(answers: TextIO) -> None:
         try:
             plot.plot_curves(folder)
             answer = None
-        except runs.WriteFailed as err:
+        except store.WriteFailed as err:
             answer = [str(err.path), err.reason]
         except Exception as err:  # a bug, or a file of the folder broken meanwhile: said, never a hang
-            answer = [str(folder / run_files.CURVES_FILE), f"drawing failed: {type(err).__name__}: {err}"]
+            answer = [str(folder / declarations.CURVES_FILE), f"drawing failed: {type(err).__name__}: {err}"]
         print(json.dumps(answer), file=answers, flush=True)
 
 
@@ -204,10 +202,10 @@ class Output:
     config: dict
     say: Callable[[str], None]
     saved_epochs: int  # what last.pt on disk holds: what a --resume would continue from
-    epoch_log: tensorboard_log.EpochLog | None = None
+    epoch_log: tensorboard_events.EpochLog | None = None
     notes: list[str] = field(default_factory=list)  # lines announce() says after the run's description
     copies: dict = field(default_factory=dict)  # the CPU copies of the state the last save was written from
-    writer: runs.BackgroundWriter = field(default_factory=runs.BackgroundWriter)
+    writer: store.BackgroundWriter = field(default_factory=store.BackgroundWriter)
     drawer: CurvesDrawer = field(default_factory=CurvesDrawer)
     # From the start, so that a run shorter than CURVES_EVERY_SECONDS starts no drawing process (the end draws).
     curves_drawn_at: float = field(default_factory=time.monotonic)
@@ -225,11 +223,11 @@ class Output:
         # Now, what the next forward changes (BatchNorm's statistics) and what is small; the parameters and
         # momenta, which only the optimizer's update changes, on the writer's thread while the next step's
         # forward and backward run (optimization.step waits for the copy before it updates).
-        buffers = runs.cpu_copy({name: value for name, value in state.items() if name not in parameters})
+        buffers = store.cpu_copy({name: value for name, value in state.items() if name not in parameters})
         last = LastCheckpoint(
             config=config, epoch=epoch, model=None, optimizer=None,
-            scheduler=runs.cpu_copy(optimization.scheduler.state_dict()),
-            scaler=runs.cpu_copy(optimization.scaler.state_dict()), rng=runs.get_rng_state(run.procs.device),
+            scheduler=store.cpu_copy(optimization.scheduler.state_dict()),
+            scaler=store.cpu_copy(optimization.scaler.state_dict()), rng=store.get_rng_state(run.procs.device),
             history=list(progress.history), best=dict(progress.best)).to_dict()
         files = EpochFiles(metrics, None, last, list(progress.history), epoch == progress.start_epoch + 1,
                            config["epochs"])
@@ -241,9 +239,9 @@ class Output:
         def copy_then_write() -> None:
             try:
                 with on_stream(stream):
-                    model = runs.cpu_copy(state, self.copies.get("model"))  # parameters copied, buffers too (tiny)
+                    model = store.cpu_copy(state, self.copies.get("model"))  # parameters copied, buffers too (tiny)
                     model.update(buffers)
-                    last["optimizer"] = runs.cpu_copy(optimization.optimizer.state_dict(),
+                    last["optimizer"] = store.cpu_copy(optimization.optimizer.state_dict(),
                                                       self.copies.get("optimizer"))
                 last["model"], self.copies = model, {"model": model, "optimizer": last["optimizer"]}
             finally:
@@ -260,14 +258,14 @@ class Output:
     def _write_epoch(self, files: EpochFiles) -> None:
         folder, row = self.folder, files.history[-1]
         if files.best is not None:
-            runs.save_checkpoint(folder / run_files.BEST_CHECKPOINT, files.best)
+            store.save_checkpoint(folder / declarations.BEST_CHECKPOINT, files.best)
         # last.pt first: it is the truth a resume starts from, metrics.csv is rebuilt from it.
-        runs.save_checkpoint(folder / run_files.LAST_CHECKPOINT, files.last)
+        store.save_checkpoint(folder / declarations.LAST_CHECKPOINT, files.last)
         self.saved_epochs = files.metrics.epoch
         if files.first_of_process:
-            for stale in run_files.END_OF_RUN_FILES:
-                runs.remove_file(folder / stale)  # they described an older state
-        runs.write_metrics(folder / run_files.METRICS_FILE, files.history)
+            for stale in declarations.END_OF_RUN_FILES:
+                store.remove_file(folder / stale)  # they described an older state
+        store.write_metrics(folder / declarations.METRICS_FILE, files.history)
         if time.monotonic() - self.curves_drawn_at >= CURVES_EVERY_SECONDS and self.drawer.draw(folder):
             self.curves_drawn_at = time.monotonic()
         self.say(epoch_line(files.metrics, files.epochs))

@@ -3,7 +3,7 @@
 A network trained here expects images normalized with its training set's per-channel statistics.
 NormalizedNet carries those statistics (saved in best.pt) and applies them inside forward(), so a
 user feeds plain images with values in [0, 1] and cannot normalize them wrongly. hubconf.py and
-predict.py both hand out networks this way. Only torch is needed (torch.hub checks no more).
+serving/predict.py both hand out networks this way. Only torch is needed (torch.hub checks no more).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from errors import UsageError
+from core.errors import UsageError
 from model import build_model
-from run_files import BestCheckpoint, RunFileError
+from runfolder.declarations import BestCheckpoint, RunFileError
 
 
 class CheckpointError(UsageError, ValueError):

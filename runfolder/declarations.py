@@ -1,7 +1,7 @@
 """What each file of a run folder holds, declared once: its name, its fields, and the default that an older
 file without a field is read with.
 
-A run folder is a file format with readers we don't control (plot.py, report.py, TensorBoard, torch.hub,
+A run folder is a file format with readers we don't control (plot.py, reports/pages.py, TensorBoard, torch.hub,
 sweeps, other people's notebooks), and results/ outlives code versions. So:
 - the writer builds each file from the declaration below (a dataclass, or the metrics columns), never from
   literal key strings, and every reader of this project reads it back through the same declaration;
@@ -12,7 +12,7 @@ sweeps, other people's notebooks), and results/ outlives code versions. So:
 
 Importing this module is cheap (no torch): plot.py reads run folders without training.
 Config.json is the one file whose keys are not all here: it holds every recipe and setting flag (declared
-with their roles in cli.py) plus the facts of RunFacts below.
+with their roles in training/flags.py) plus the facts of RunFacts below.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from errors import UsageError
+from core.errors import UsageError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -55,7 +55,7 @@ class RunFileError(UsageError):
 
 # ---------------------------------------------------------------------------------------------------
 # metrics.csv: one row per epoch. A column's format is how the writer prints it; its tensorboard tag, if
-# any, is where tensorboard_log.py puts it; a column added later gets a default for older files.
+# any, is where runfolder/tensorboard_events.py puts it; a column added later gets a default for older files.
 
 
 def column(fmt: str, meaning: str, tensorboard: str | None = None, default: float | None = None):

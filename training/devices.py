@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 
-from errors import UsageError
+from core.errors import UsageError
 
 DEVICE_CHOICES = ("auto", "cuda", "mps", "cpu")
 AMP_CHOICES = ("auto", "bf16", "fp16", "off")

@@ -8,11 +8,11 @@ from typing import Callable
 
 import torch
 
-from batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
-from cifar import CifarData
-from cli import Recipe
-from errors import UsageError
-from processes import Processes, rank0_then_share
+from cifar.batches import BatchOptions, EvalBatches, TrainBatches, channel_stats, split_validation
+from cifar.dataset_files import CifarData
+from core.errors import UsageError
+from training.flags import Recipe
+from training.processes import Processes, rank0_then_share
 
 
 @dataclass
@@ -51,7 +51,7 @@ def load_data(recipe: Recipe, load_dataset: Callable[[str], CifarData], data_dir
     mean, std = channel_stats(data.train_images)  # the whole training set, before subset and split
     train_images, train_labels = data.train_images, data.train_labels
     test_images, test_labels = data.test_images, data.test_labels
-    # check_flags has held --subset and --val-size against the dataset's size, which cifar.py enforces.
+    # check_flags has held --subset and --val-size against the dataset's size, which cifar/dataset_files.py enforces.
     if recipe.subset is not None:
         train_images, train_labels = train_images[:recipe.subset], train_labels[:recipe.subset]
         test_images, test_labels = test_images[:recipe.subset], test_labels[:recipe.subset]

@@ -15,8 +15,8 @@ import math
 import shutil
 from pathlib import Path
 
-from errors import UsageError
-from run_files import TENSORBOARD_TAGS
+from core.errors import UsageError
+from runfolder.declarations import TENSORBOARD_TAGS
 
 TENSORBOARD_DIR = "tensorboard"
 # metrics.csv column -> TensorBoard tag, declared with the columns. Train and valid share a section

@@ -14,8 +14,8 @@ import torch
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as F
 
-from errors import UsageError
-from trained_net import NormalizedNet
+from core.errors import UsageError
+from serving.trained_net import NormalizedNet
 
 IMAGE_SIZE = 32
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cli import Recipe
-from devices import accumulator_dtype, autocast
+from training.devices import accumulator_dtype, autocast
+from training.flags import Recipe
 
 # Where fp16 takes the fused SGD, whose kernel takes GradScaler's scale and inf flag on the device (CUDA; the CPU
 # since torch 2.4). Without it, GradScaler.step reads the inf flag back with .item() every step, which on a GPU makes
@@ -42,7 +42,7 @@ class Optimization:
     criterion: nn.Module
     device: torch.device
     amp_dtype: torch.dtype | None
-    # Set while the parameters and momenta are being copied for a checkpoint (recording.py): the next
+    # Set while the parameters and momenta are being copied for a checkpoint (training/recording.py): the next
     # update waits for it, while the forward and backward before it go ahead.
     copying: threading.Event | None = None
 

@@ -12,14 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import plot
-import run_files
-import runs
-import trained_net
-from batches import BatchOptions, EvalBatches
-from cifar import DataError
-from devices import accumulator_dtype, autocast, pick_device, resolve_amp
-from errors import RunFailed
-from run_files import CONFUSION_FILE, EVAL_FILE, Evaluation
+from cifar.batches import BatchOptions, EvalBatches
+from cifar.dataset_files import DataError
+from core.errors import RunFailed
+from runfolder import declarations, store
+from runfolder.declarations import CONFUSION_FILE, EVAL_FILE, Evaluation
+from serving import trained_net
+from training.devices import accumulator_dtype, autocast, pick_device, resolve_amp
 
 
 class Rates(NamedTuple):
@@ -64,14 +63,14 @@ def checkpoint_path_of(args: argparse.Namespace, dataset: str) -> Path:
     """--checkpoint, or the run's best.pt."""
     if args.checkpoint:
         return Path(args.checkpoint)
-    return runs.run_folder(args.results_dir, dataset, args.model, args.tag) / run_files.BEST_CHECKPOINT
+    return store.run_folder(args.results_dir, dataset, args.model, args.tag) / declarations.BEST_CHECKPOINT
 
 
 def evaluate_checkpoint(args: argparse.Namespace, dataset: str, load_dataset, num_classes: int) -> int:
     """--eval-only: the test set through a best.pt, printed and written beside it."""
     checkpoint_path = checkpoint_path_of(args, dataset)
     out_dir = checkpoint_path.parent
-    runs.refuse_if_in_use(out_dir)
+    store.refuse_if_in_use(out_dir)
     trained = trained_net.load_trained(checkpoint_path, args.model, num_classes)
     device = pick_device(args.device, 0)
     _, amp_dtype = resolve_amp(args.amp, device)
@@ -100,13 +99,13 @@ def evaluate_checkpoint(args: argparse.Namespace, dataset: str, load_dataset, nu
 
 def write_evaluation(out_dir: Path, evaluation: Evaluation, confusion: torch.Tensor, classes: list[str]) -> None:
     """eval.json and confusion_matrix.png, under the folder's lock."""
-    lock = runs.lock_run_folder(out_dir)
+    lock = store.lock_run_folder(out_dir)
     try:
-        runs.write_text(out_dir / EVAL_FILE, run_files.json_text(evaluation))
+        store.write_text(out_dir / EVAL_FILE, declarations.json_text(evaluation))
         plot.plot_confusion_matrix(confusion.numpy(), classes, out_dir / CONFUSION_FILE,
                                    f"{evaluation.model} on the {plot.pretty_dataset(evaluation.dataset)} "
                                    f"test set{' (mirror TTA)' if evaluation.tta else ''}")
-    except runs.WriteFailed as err:
+    except store.WriteFailed as err:
         raise RunFailed(f"{err}; {evaluation.checkpoint} is untouched; free space, then evaluate "
                         "again") from None
     finally:
@@ -115,7 +114,7 @@ def write_evaluation(out_dir: Path, evaluation: Evaluation, confusion: torch.Ten
 
 def predict_images(args: argparse.Namespace, dataset: str, load_dataset, num_classes: int) -> int:
     """--predict: the top-5 classes of each image file by a trained network; writes nothing."""
-    import predict  # here, not at the top: torchvision's image code costs every other command 2 s to load
+    from serving import predict  # here, not at the top: torchvision's image code costs every other command 2 s to load
     trained = trained_net.load_trained(checkpoint_path_of(args, dataset), args.model, num_classes)
     class_names = trained.classes
     if class_names is None:  # a best.pt from before checkpoints carried the class names

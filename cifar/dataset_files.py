@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from errors import UsageError
+from core.errors import UsageError
 
 DOWNLOAD_TIMEOUT_SECONDS = 60  # a stalled connection gives an error instead of hanging forever
 

@@ -14,8 +14,8 @@ from typing import Callable, TypeVar
 import torch
 import torch.distributed as dist
 
-from devices import pick_device, set_up_backends
-from errors import ProjectError, RunFailed, UsageError
+from core.errors import ProjectError, RunFailed, UsageError
+from training.devices import pick_device, set_up_backends
 
 Result = TypeVar("Result")
 

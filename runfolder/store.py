@@ -1,5 +1,5 @@
 """The run folder, results/<dataset>/<model>[-<tag>]/: how its files are written and read (their shapes are
-declared in run_files.py), checkpoints, whether a run may start or resume, the folder's lock, the saved
+declared in runfolder/declarations.py), checkpoints, whether a run may start or resume, the folder's lock, the saved
 random-number state and the log.
 
 train.py writes run folders and plot.py reads them, both through this module. Every file is written to a
@@ -23,8 +23,8 @@ from typing import BinaryIO, Callable
 
 import numpy as np
 
-from errors import USAGE_EXIT, FolderInUse, RunFailed, UsageError
-from run_files import (
+from core.errors import USAGE_EXIT, FolderInUse, RunFailed, UsageError
+from runfolder.declarations import (
     LAST_CHECKPOINT,
     LOCK_FILE,
     LOG_FILE,
@@ -156,8 +156,8 @@ def read_json(path: Path) -> dict | None:
 
 
 def read_record(path: Path, declared: type[Record]) -> Record | None:
-    """A declared JSON file (run_files.py) of any version, for reports: None when it is absent or not a JSON
-    object (reported); a field it lacks reads as None."""
+    """A declared JSON file (runfolder/declarations.py) of any version, for reports: None when it is absent or not
+    a JSON object (reported); a field it lacks reads as None."""
     content = read_json(path)
     return None if content is None else declared.from_dict(content, path, partial=True)
 

@@ -16,9 +16,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import cli
-import runs
-from errors import STOPPED_EXIT, UsageError
+from core.errors import STOPPED_EXIT, UsageError
+from runfolder import store
+from training import flags
 
 SBATCH_FILE = "sweep.sbatch"
 JOBS_FILE = "slurm_jobs.txt"  # the job ids of the submitted arrays, one a line
@@ -29,14 +29,14 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     add = group.add_argument
     add("--slurm", action="store_true", help="write <sweep folder>/sweep.sbatch, a job array over the plan, "
                                              "and submit it with sbatch")
-    add("--max-parallel", type=cli.count(1, 100_000), help="at most K tasks of the array at once [no cap]")
-    add("--gpus-per-run", type=cli.count(0, 64), default=1, help="GPUs of each run; 0 for CPU runs, more than "
+    add("--max-parallel", type=flags.count(1, 100_000), help="at most K tasks of the array at once [no cap]")
+    add("--gpus-per-run", type=flags.count(0, 64), default=1, help="GPUs of each run; 0 for CPU runs, more than "
                                                                  "1 runs it under torchrun [1]")
     add("--time", help="each task's time limit, as sbatch --time takes it [the partition's]")
     add("--partition", help="the partition [the cluster's default]")
     add("--sbatch-arg", action="append", default=[], metavar="ARG",
         help="one more sbatch option for every task, e.g. --sbatch-arg=--mem=16G (repeatable)")
-    add("--stop-margin", type=cli.count(10, 86_400), default=300,
+    add("--stop-margin", type=flags.count(10, 86_400), default=300,
         help="seconds before the time limit at which a run is asked to stop after its epoch (SIGUSR1) [300]")
     add("--no-submit", action="store_true", help="write sweep.sbatch and say how to submit it, submit nothing")
 
@@ -94,7 +94,7 @@ def sbatch_script(args, folder: Path, count: int) -> str:
 def submit(args, folder: Path, count: int) -> int:
     """Write sweep.sbatch; submit it with sbatch when there is one (and --no-submit is not given)."""
     path = folder / SBATCH_FILE
-    runs.write_text(path, sbatch_script(args, folder, count))
+    store.write_text(path, sbatch_script(args, folder, count))
     if args.no_submit or shutil.which("sbatch") is None:
         why = "--no-submit" if args.no_submit else "no sbatch here"
         print(f"{path} written ({why}); submit it on the cluster with: sbatch {path}")

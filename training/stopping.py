@@ -18,11 +18,11 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-import runs
-from errors import IN_USE_EXIT, INTERRUPTED_EXIT, USAGE_EXIT, StopForNow, Terminated
-from processes import Processes
-from recording import Output
-from run_files import LAST_CHECKPOINT
+from core.errors import IN_USE_EXIT, INTERRUPTED_EXIT, USAGE_EXIT, StopForNow, Terminated
+from runfolder import store
+from runfolder.declarations import LAST_CHECKPOINT
+from training.processes import Processes
+from training.recording import Output
 
 _stop_asked = threading.Event()  # set by SIGUSR1, read at the end of every epoch
 
@@ -96,5 +96,5 @@ def auto_resume(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
     refuses it."""
     if not args.auto_resume:
         return args
-    run_dir = runs.run_folder(args.results_dir, dataset, args.model, args.tag)
+    run_dir = store.run_folder(args.results_dir, dataset, args.model, args.tag)
     return argparse.Namespace(**{**vars(args), "resume": (run_dir / LAST_CHECKPOINT).exists()})

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import course
-import tensorboard_log
-from batches import AUGMENTATIONS
-from devices import AMP_CHOICES, DEVICE_CHOICES
-from errors import IN_USE_EXIT, USAGE_EXIT, UsageError
+from cifar.batches import AUGMENTATIONS
+from core import course
+from core.errors import IN_USE_EXIT, USAGE_EXIT, UsageError
 from model import DEFAULT_LR, FAMILIES, MODELS
+from runfolder import tensorboard_events
+from training.devices import AMP_CHOICES, DEVICE_CHOICES
 
 MAX_EPOCHS = 100_000
 MAX_IMAGES = 50_000  # the training set of either dataset: the most a batch, subset or split can hold
@@ -292,7 +292,7 @@ def check_flags(args: argparse.Namespace, train_size: int) -> None:
         if contradicts:
             raise UsageError(message)
     if args.tensorboard:
-        tensorboard_log.require_tensorboard()
+        tensorboard_events.require_tensorboard()
     if args.tta and not args.eval_only:
         raise UsageError("--tta is for --eval-only; add --eval-only or drop --tta")
     check_sizes(args, train_size)
