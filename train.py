@@ -1,9 +1,10 @@
 """The one training loop behind main_cifar10.py and main_cifar100.py.
 
-Reads top to bottom: main() dispatches the command line (training/flags.py), then the stages of a run in order
-(processes and device, folder and configuration, data, model and optimization, what was saved), the epoch
-loop (train with training/optimization.py's step, validate, record) and the end-of-run tests. Every file goes
-through runfolder/store.py into results/<dataset>/<model>[-<tag>]/ as runfolder/declarations.py declares it;
+Reads top to bottom: main() parses the command line (training/flags.py) and command() dispatches it, typed, to a
+command or to a run; then the stages of a run in order (processes and device, the run resolved from the command
+line and its folder, data, model and optimization, what was saved), the epoch loop (train with
+training/optimization.py's step, validate, record) and the end-of-run tests. Every file goes through
+runfolder/store.py into results/<dataset>/<model>[-<tag>]/ as runfolder/declarations.py declares it;
 last.pt holds everything needed to continue exactly where the run stopped.
 
 Under torchrun (RANK in the environment) the same loop runs with DistributedDataParallel: each rank trains
@@ -11,6 +12,7 @@ on its share of every global batch, and only rank 0 prints and writes.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import platform
@@ -26,15 +28,16 @@ from torch import nn
 
 import load_data_cifar10
 import load_data_cifar100
-import plot
-from core.errors import RunFailed, UsageError, run_command
+from core.errors import RunFailed, UsageError, quiet_closed_pipes, run_command
 from model import build_model, count_flops, count_parameters, describe_model, format_flops, models_in
-from runfolder import declarations, store, tensorboard_events
+from reports import figures
+from runfolder import declarations, lock, store, tensorboard_events
 from runfolder.declarations import EpochMetrics, LastCheckpoint, RunFacts, Summary
+from serving.commands import evaluate_checkpoint, predict_images
 from training import flags, stopping
-from training.dataset import Data, load_data
+from training.dataset import RunData, load_data
 from training.devices import resolve_amp, synchronize, torchvision_version
-from training.evaluation import evaluate, evaluate_checkpoint, predict_images, rates
+from training.evaluation import EvalResult, evaluate
 from training.optimization import EpochSums, Optimization, make_optimization
 from training.processes import (
     Processes,
@@ -47,7 +50,8 @@ from training.processes import (
     start_processes,
     stop_together,
 )
-from training.recording import Output, completed_log, timings
+from training.recording import Output, RunProgress, completed_log, make_print_and_log, timings
+from training.rng_state import set_rng_state
 
 # What differs between the datasets is data: how to load one and how many classes it has.
 DATASETS = {"cifar10": (load_data_cifar10.load_cifar10, load_data_cifar10.CIFAR10),
@@ -56,6 +60,7 @@ DIVERGENCE_CHECK_STEPS = 50  # how often the loop reads the loss back from the d
 
 
 def main(dataset: str, argv: list[str] | None = None) -> int:
+    quiet_closed_pipes()  # before --help prints
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = flags.build_parser(dataset).parse_args(argv)
@@ -69,8 +74,9 @@ def main(dataset: str, argv: list[str] | None = None) -> int:
         end_processes()
 
 
-def command(args, dataset: str, argv: list[str]) -> int:
-    """What the command line asks for: a listing, a description, an evaluation, predictions or a run."""
+def command(args: argparse.Namespace, dataset: str, argv: list[str]) -> int:
+    """What the command line asks for: a listing, a description, an evaluation, predictions or a run. The
+    namespace goes no further: the commands take the command line typed, a run what resolve() makes of it."""
     load_dataset, spec = DATASETS[dataset]
     if args.list_models is not None:
         try:
@@ -82,20 +88,58 @@ def command(args, dataset: str, argv: list[str]) -> int:
         print(describe_model(args.model, spec.num_classes))
         return 0
     flags.check_flags(args, spec.train_size)
-    if args.eval_only:
-        return evaluate_checkpoint(args, dataset, load_dataset, spec.num_classes)
-    if args.predict:
-        return predict_images(args, dataset, load_dataset, spec.num_classes)
-    return train(args, dataset, argv)
+    line = flags.command_line(args, dataset, argv)
+    if line.commands.eval_only:
+        return evaluate_checkpoint(line, load_dataset, spec.num_classes)
+    if line.commands.predict:
+        return predict_images(line, load_dataset, spec.num_classes)
+    settings = line.settings
+    procs = start_processes(settings.device, settings.deterministic, settings.dist_timeout)
+    return train(resolve(line, procs), procs)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Stages 1 and 2: processes and device, then the run folder and the run's configuration. Every rank
-# agrees on refusing before anything is written.
+# Stages 1 and 2: processes and device (above), then the run the command line resolves to: its configuration
+# and its folder. Every rank agrees on refusing before anything is written.
 
 
 @dataclass(frozen=True)
-class Run:
+class ResolvedRun:
+    """A training command resolved, before anything is written: the run's configuration, its folder, the last.pt
+    it continues (None for a fresh start) and the folder's files as checked (compared again once it is locked)."""
+
+    config: flags.RunConfig
+    folder: Path
+    checkpoint: LastCheckpoint | None
+    checked: store.FolderState
+
+
+def resolve(line: flags.CommandLine, procs: Processes) -> ResolvedRun:
+    """The run a training command asks for. --auto-resume is --resume when the folder holds a last.pt (a fresh
+    start when it does not); the typed recipe takes --recipe's defaults for the flags not typed, and on a resume
+    the saved recipe, which a typed flag may not change (--epochs may grow). Rank 0 checks the folder, writing
+    nothing; every rank gets its answer or its refusal."""
+    settings, given, dataset = line.settings, line.given, line.dataset
+    typed = flags.with_recipe_defaults(line.recipe, given)
+    folder = store.run_folder(settings.results_dir, dataset, typed.model, settings.tag)
+    if settings.auto_resume:
+        settings = dataclasses.replace(settings, resume=(folder / declarations.LAST_CHECKPOINT).exists())
+
+    def check() -> tuple[LastCheckpoint | None, flags.Recipe]:
+        lock.refuse_if_in_use(folder, settings.exit_code_if_in_use)
+        saved = store.check_run_folder(folder, settings.resume, settings.overwrite)
+        return saved, typed if saved is None else flags.resume_recipe(typed, given, saved.config, dataset)
+
+    checkpoint, recipe = rank0_then_share(procs, check) or (None, None)
+    recipe = flags.Recipe(**share_from_rank0(procs, dataclasses.asdict(recipe) if recipe else None))
+    if settings.resume and not procs.master:  # the folder is on every node
+        checkpoint = store.check_run_folder(folder, True, False)
+    config = flags.RunConfig(flags.with_default_lr(recipe), settings, dataset, line.text)
+    return ResolvedRun(config, folder, checkpoint, store.folder_state(folder))
+
+
+@dataclass(frozen=True)
+class RunSetup:
     """A run's configuration and where and how it computes, fixed once the first stages have run."""
 
     config: flags.RunConfig
@@ -110,28 +154,6 @@ class Run:
         return self.config.recipe
 
 
-def open_run(args, dataset: str, argv: list[str],
-             procs: Processes) -> tuple[flags.RunConfig, LastCheckpoint | None, tuple]:
-    """The run's configuration (on --resume the recipe comes from its last.pt), that last.pt, and the state
-    of the folder's files as checked (compared again once the folder is locked)."""
-    given = flags.flags_given(argv)
-    typed = flags.with_recipe_defaults(flags.typed_recipe(args), given)
-    run_dir = store.run_folder(args.results_dir, dataset, args.model, args.tag)
-
-    def check() -> tuple[LastCheckpoint | None, flags.Recipe]:
-        store.refuse_if_in_use(run_dir, stopping.in_use_exit(args))
-        saved = store.check_run_folder(run_dir, args.resume, args.overwrite)
-        return saved, typed if saved is None else flags.resume_recipe(typed, given, saved.config, dataset)
-
-    checkpoint, recipe = rank0_then_share(procs, check) or (None, None)
-    recipe = flags.Recipe(**share_from_rank0(procs, dataclasses.asdict(recipe) if recipe else None))
-    if args.resume and not procs.master:  # the folder is on every node
-        checkpoint = store.check_run_folder(run_dir, True, False)
-    config = flags.RunConfig(flags.with_default_lr(recipe), flags.settings_of(args), dataset,
-                           " ".join([f"main_{dataset}.py", *argv]))
-    return config, checkpoint, store.folder_state(run_dir)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Stage 4: model, optimizer, schedule
 
@@ -140,7 +162,9 @@ COMPILE_BACKEND = "inductor"  # torch.compile's backend; tests put a recording o
 
 
 @dataclass
-class Training:
+class NetworkAndOptimization:
+    """The network being trained, as saved and as called, and how it learns."""
+
     raw_net: nn.Module  # the model itself, whose state_dict is saved
     net: nn.Module  # what the loop calls for a full batch: raw_net, wrapped by DDP and torch.compile as asked
     optimization: Optimization
@@ -158,7 +182,7 @@ class Training:
         return self.eager_net
 
 
-def build_training(run: Run, num_classes: int, steps_per_epoch: int) -> Training:
+def build_training(run: RunSetup, num_classes: int, steps_per_epoch: int) -> NetworkAndOptimization:
     recipe, procs = run.recipe, run.procs
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
@@ -181,18 +205,18 @@ def build_training(run: Run, num_classes: int, steps_per_epoch: int) -> Training
             gradient_as_bucket_view=True)
     optimization = make_optimization(raw_net, recipe, steps_per_epoch, procs.device, run.amp_dtype)
     if not run.config.settings.compile:
-        return Training(raw_net, net, optimization, parameters, flops)
+        return NetworkAndOptimization(raw_net, net, optimization, parameters, flops)
     if run.config.settings.deterministic:
         # Inductor's own switch: no autotuning by timing, no atomics in its generated reductions.
         torch._inductor.config.deterministic = True
-    # Static shapes, for the full batch alone: Training.net_for sends any other size to the uncompiled network,
-    # so one graph is compiled in the first step and nothing after it.
+    # Static shapes, for the full batch alone: NetworkAndOptimization.net_for sends any other size to the uncompiled
+    # network, so one graph is compiled in the first step and nothing after it.
     compiled = torch.compile(net, dynamic=False, backend=COMPILE_BACKEND)
-    return Training(raw_net, compiled, optimization, parameters, flops, eager_net=net,
-                    compiled_batch=recipe.batch_size // procs.world_size)
+    return NetworkAndOptimization(raw_net, compiled, optimization, parameters, flops, eager_net=net,
+                                  compiled_batch=recipe.batch_size // procs.world_size)
 
 
-def run_facts(run: Run, num_classes: int, data: Data, training: Training) -> RunFacts:
+def run_facts(run: RunSetup, num_classes: int, data: RunData, training: NetworkAndOptimization) -> RunFacts:
     """What config.json says besides the flags: what the run was made of, on which machine."""
     device = run.procs.device
     return RunFacts(
@@ -210,21 +234,10 @@ def run_facts(run: Run, num_classes: int, data: Data, training: Training) -> Run
 # Stage 5: what was saved, put back; what rank 0 writes as the run goes
 
 
-@dataclass
-class Progress:
-    """What the loop carries from epoch to epoch, and what last.pt saves of it."""
-
-    history: list[dict]
-    best: dict
-    start_epoch: int
-    log_lines: list[str]
-    validated_at: float | None = None  # when the last epoch's validation ended (perf_counter)
-
-
-def restore(checkpoint: LastCheckpoint | None, training: Training, run: Run) -> Progress:
+def restore(checkpoint: LastCheckpoint | None, training: NetworkAndOptimization, run: RunSetup) -> RunProgress:
     """A fresh start, or everything last.pt saved put back."""
     if checkpoint is None:
-        return Progress([], {"epoch": 0, "val_acc": -1.0}, 0, [])
+        return RunProgress([], {"epoch": 0, "val_acc": -1.0}, 0, [])
     training.raw_net.load_state_dict(checkpoint.model)
     training.optimization.optimizer.load_state_dict(checkpoint.optimizer)
     training.optimization.scheduler.load_state_dict(checkpoint.scheduler)
@@ -233,33 +246,34 @@ def restore(checkpoint: LastCheckpoint | None, training: Training, run: Run) -> 
     # run without fp16 saved nothing, and one the new precision does not use is not restored.
     if scaler.is_enabled() and checkpoint.scaler:
         scaler.load_state_dict(checkpoint.scaler)
-    store.set_rng_state(checkpoint.rng, run.procs.device)
+    set_rng_state(checkpoint.rng, run.procs.device)
     log_path = run.folder / declarations.LOG_FILE
     log_lines = log_path.read_text().splitlines() if log_path.exists() else []
     history = [declarations.complete_row(row) for row in checkpoint.history]
     log_lines = completed_log(log_lines, history, checkpoint.config.get("epochs", checkpoint.epoch))
-    return Progress(history, checkpoint.best, checkpoint.epoch, log_lines)
+    return RunProgress(history, checkpoint.best, checkpoint.epoch, log_lines)
 
 
-def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> None:
-    """Rank 0, in the locked run folder: say what runs, write config.json (and, on a resume, metrics.csv
-    from last.pt, in case a kill came between the two)."""
-    say, config, recipe = output.say, output.config, run.recipe
+def log_start_and_write_config(run: RunSetup, progress: RunProgress, output: Output) -> None:
+    """Rank 0, in the locked run folder: print and log what runs, write config.json (and, on a resume,
+    metrics.csv from last.pt, in case a kill came between the two)."""
+    print_and_log, config, recipe = output.print_and_log, output.config, run.recipe
+    resumed = run.config.settings.resume  # set by resolve() under --auto-resume when the folder held a last.pt
     for note in output.notes:
-        say(note)
+        print_and_log(note)
     if resumed and progress.start_epoch >= recipe.epochs:
-        say(f"Finishing {run.folder}: its {progress.start_epoch} epochs are saved, its end-of-run tests not")
+        print_and_log(f"Finishing {run.folder}: its {progress.start_epoch} epochs are saved, its end-of-run tests not")
     elif resumed:
-        say(f"Resuming {run.folder} at epoch {progress.start_epoch + 1}/{recipe.epochs}")
+        print_and_log(f"Resuming {run.folder} at epoch {progress.start_epoch + 1}/{recipe.epochs}")
     elif run.config.settings.overwrite and (run.folder / declarations.METRICS_FILE).exists():
-        say(f"--overwrite: starting {run.folder} over; the previous run there is replaced")
+        print_and_log(f"--overwrite: starting {run.folder} over; the previous run there is replaced")
     if config["validation"] == "test":
-        say("Validation uses the test set (--val-size 0, as the course code did): the best epoch "
-            "is picked on it, so report the final epoch or hold out a split with --val-size")
+        print_and_log("Validation uses the test set (--val-size 0, as the course code did): the best epoch "
+                      "is picked on it, so report the final epoch or hold out a split with --val-size")
     world = f" x{run.procs.world_size}" if run.procs.ddp else ""
-    say(f"{recipe.model} on {run.config.dataset}: {config['parameters']:,} parameters, "
-        f"{format_flops(config['flops'])}FLOPs, device {config['device']}{world}, amp {config['amp']}, "
-        f"{config['train_images']} training and {config['val_images']} validation images")
+    print_and_log(f"{recipe.model} on {run.config.dataset}: {config['parameters']:,} parameters, "
+                  f"{format_flops(config['flops'])}FLOPs, device {config['device']}{world}, amp {config['amp']}, "
+                  f"{config['train_images']} training and {config['val_images']} validation images")
     store.write_json(run.folder / declarations.CONFIG_FILE, config)
     if resumed:
         store.write_metrics(run.folder / declarations.METRICS_FILE, progress.history)
@@ -269,12 +283,9 @@ def announce(run: Run, progress: Progress, output: Output, resumed: bool) -> Non
 # The run: the stages above in order, then the epoch loop
 
 
-def train(args, dataset: str, argv: list[str]) -> int:
-    procs = start_processes(args.device, args.deterministic, args.dist_timeout)
-    args = stopping.auto_resume(args, dataset)  # --resume when the folder holds a last.pt
-    config, checkpoint, folder_state = open_run(args, dataset, argv, procs)
-    recipe = config.recipe
-    run_dir = store.run_folder(config.settings.results_dir, dataset, recipe.model, config.settings.tag)
+def train(resolved: ResolvedRun, procs: Processes) -> int:
+    config, checkpoint, run_dir = resolved.config, resolved.checkpoint, resolved.folder
+    recipe, settings = config.recipe, config.settings
     if checkpoint is not None and checkpoint.epoch >= recipe.epochs and (run_dir / declarations.SUMMARY_FILE).exists():
         if procs.master:
             print(f"{run_dir} already finished its {checkpoint.epoch} epochs; pass a larger "
@@ -283,37 +294,38 @@ def train(args, dataset: str, argv: list[str]) -> int:
     if recipe.batch_size % procs.world_size:
         raise UsageError(f"--batch-size {recipe.batch_size} is not divisible by the {procs.world_size} "
                          "processes; pick a multiple of the process count")
-    if recipe.sync_bn and config.settings.compile:
+    if recipe.sync_bn and settings.compile:
         raise UsageError("--sync-bn and --compile do not work together (torch.compile breaks its graph at every "
                          "SyncBatchNorm); drop one of them")
-    amp_name, amp_dtype = resolve_amp(config.settings.amp, procs.device)
-    channels_last = config.settings.channels_last
-    run = Run(config, procs, run_dir, amp_name, amp_dtype,
-              procs.device.type == "cuda" if channels_last is None else channels_last)
-    load_dataset, spec = DATASETS[dataset]
-    data = load_data(recipe, load_dataset, config.settings.data_dir, procs, run.channels_last)
+    amp_name, amp_dtype = resolve_amp(settings.amp, procs.device)
+    channels_last = settings.channels_last
+    run = RunSetup(config, procs, run_dir, amp_name, amp_dtype,
+                   procs.device.type == "cuda" if channels_last is None else channels_last)
+    load_dataset, spec = DATASETS[config.dataset]
+    data = load_data(recipe, load_dataset, settings.data_dir, procs, run.channels_last)
     training = build_training(run, spec.num_classes, len(data.train_batches))
     facts = run_facts(run, spec.num_classes, data, training)
     progress = restore(checkpoint, training, run)
     output = Output(run_dir, {**config.flags(), **facts.to_dict()},
-                    store.make_logger(procs.master, run_dir, progress.log_lines), progress.start_epoch)
+                    make_print_and_log(procs.master, run_dir, progress.log_lines), progress.start_epoch)
     if checkpoint is not None and checkpoint.config.get("amp", amp_name) != amp_name:
         output.notes.append(f"--amp changed from {checkpoint.config.get('amp')} to {amp_name} on resume: "
                             "the loss scaler starts afresh")
-    return train_in_folder(run, (data, training, progress, output), checkpoint is not None, folder_state)
+    return train_in_folder(run, data, training, progress, output, resolved.checked)
 
 
-def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) -> int:
-    """Rank 0 locks the folder; then the epochs, the end-of-run tests, and one line for what stops them."""
-    data, training, progress, output = state
-    lock = None
+def train_in_folder(run: RunSetup, data: RunData, training: NetworkAndOptimization, progress: RunProgress,
+                    output: Output, checked: store.FolderState) -> int:
+    """Rank 0 locks the folder (refusing if its files changed since they were checked); then the epochs, the
+    end-of-run tests, and one line for what stops them."""
+    held_lock = None
     try:
         if run.procs.master:
             # Held until this process ends; taken only now, so that every refusal above wrote nothing.
-            lock = store.lock_run_folder(run.folder, stopping.in_use_exit(run.config.settings))
-            store.check_unchanged(run.folder, folder_state)
+            held_lock = lock.lock_run_folder(run.folder, run.config.settings.exit_code_if_in_use)
+            store.check_unchanged(run.folder, checked)
             store.remove_stale_temp_files(run.folder)
-            announce(run, progress, output, resumed)
+            log_start_and_write_config(run, progress, output)
             if run.config.settings.tensorboard:
                 output.epoch_log = tensorboard_events.EpochLog(run.folder, progress.history)
         for epoch in range(progress.start_epoch + 1, run.recipe.epochs + 1):
@@ -323,25 +335,25 @@ def train_in_folder(run: Run, state: tuple, resumed: bool, folder_state: tuple) 
             finish(run, data, training, progress, output)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, or SIGUSR1 after an epoch (training/stopping.py)
         if run.procs.master:
-            output.settle()  # the epoch being saved is saved (or its failure kept nothing new)
+            output.wait_returning_error()  # the epoch being saved is saved (or its failure kept nothing new)
             print(stopping.stopped_line(stop, run.folder, output.saved_epochs, run.config.settings.auto_resume),
                   file=sys.stderr)
         return stopping.exit_code_of(stop)
     except store.WriteFailed as err:
         raise RunFailed(f"{err}; {store.what_is_kept(run.folder, output.saved_epochs)}") from None
     finally:
-        output.settle()
+        output.wait_returning_error()
         if output.epoch_log is not None:
             output.epoch_log.close()
-        if lock is not None:
-            lock.close()
+        if held_lock is not None:
+            held_lock.close()
     if run.procs.ddp:
         torch.distributed.barrier()
     return 0
 
 
-def run_epoch(run: Run, data: Data, training: Training, progress: Progress, output: Output,
-              epoch: int) -> None:
+def run_epoch(run: RunSetup, data: RunData, training: NetworkAndOptimization, progress: RunProgress,
+              output: Output, epoch: int) -> None:
     """Train one epoch, validate, and record it. Timed apart: the steps, the validation, and the work
     between the previous epoch's validation and this epoch's first step (saving, mostly)."""
     started = time.perf_counter()
@@ -355,7 +367,7 @@ def run_epoch(run: Run, data: Data, training: Training, progress: Progress, outp
     val_totals = all_reduce_sum(val_totals, run.procs.ddp)
     synchronize(run.procs.device)
     progress.validated_at = time.perf_counter()
-    validation = rates(val_totals)
+    validation = EvalResult.from_totals(val_totals)
     loss, hits, count = train_totals.tolist()
     metrics = EpochMetrics(
         epoch=epoch, lr=training.optimization.optimizer.param_groups[0]["lr"], train_loss=loss / count,
@@ -365,7 +377,8 @@ def run_epoch(run: Run, data: Data, training: Training, progress: Progress, outp
     record_epoch(run, training, progress, output, metrics)
 
 
-def train_epoch(run: Run, data: Data, training: Training, progress: Progress, epoch: int) -> torch.Tensor:
+def train_epoch(run: RunSetup, data: RunData, training: NetworkAndOptimization, progress: RunProgress,
+                epoch: int) -> torch.Tensor:
     """One pass over the training batches; the summed loss, hits and count over every rank."""
     device, net = run.procs.device, training.net
     batches, steps = data.train_batches, len(data.train_batches)
@@ -389,7 +402,7 @@ def train_epoch(run: Run, data: Data, training: Training, progress: Progress, ep
     return all_reduce_sum(sums.result(), run.procs.ddp)
 
 
-def record_epoch(run: Run, training: Training, progress: Progress, output: Output,
+def record_epoch(run: RunSetup, training: NetworkAndOptimization, progress: RunProgress, output: Output,
                  metrics: EpochMetrics) -> None:
     """The epoch into the history and, on rank 0, its files written in the background from CPU copies;
     under torchrun every rank stops with rank 0 when its previous save failed."""
@@ -402,13 +415,13 @@ def record_epoch(run: Run, training: Training, progress: Progress, output: Outpu
     failure = None
     if run.procs.master:
         try:
-            output.save_epoch(run, training, progress, recorded, new_best)
+            output.save_epoch(training.raw_net, training.optimization, progress, recorded, new_best)
         except store.WriteFailed as err:  # the previous epoch's
             failure = err
     stop_together(run.procs, failure)
 
 
-def check_divergence(run: Run, first_bad_step: torch.Tensor, epoch: int, saved_epochs: int) -> None:
+def check_divergence(run: RunSetup, first_bad_step: torch.Tensor, epoch: int, saved_epochs: int) -> None:
     flag = first_bad_step.clone().float()
     if run.procs.ddp:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
@@ -419,7 +432,7 @@ def check_divergence(run: Run, first_bad_step: torch.Tensor, epoch: int, saved_e
                         f"try a lower --lr than {run.recipe.lr} with --overwrite")
 
 
-def _progress_bar(run: Run, total: int, epoch: int):
+def _progress_bar(run: RunSetup, total: int, epoch: int):
     if not (run.procs.master and not run.config.settings.no_progress and sys.stderr.isatty()):
         return None
     from tqdm import tqdm  # only on a terminal: tqdm costs every other run its import
@@ -430,14 +443,15 @@ def _progress_bar(run: Run, total: int, epoch: int):
 # The end of a run: testing the best and the final weights
 
 
-def finish(run: Run, data: Data, training: Training, progress: Progress, output: Output) -> None:
+def finish(run: RunSetup, data: RunData, training: NetworkAndOptimization, progress: RunProgress,
+           output: Output) -> None:
     output.wait()  # the last epoch's files, best.pt first among them, and the last drawing of curves.png
-    output.say("Training Finished")
+    output.print_and_log("Training Finished")
     raw_net = training.raw_net
     test_batches = data.test_batches()
-    final = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
+    final = EvalResult.from_totals(evaluate(raw_net, test_batches, run.amp_dtype)[0])
     raw_net.load_state_dict(store.load_checkpoint(run.folder / declarations.BEST_CHECKPOINT)["model"])
-    best_test = rates(evaluate(raw_net, test_batches, run.amp_dtype)[0])
+    best_test = EvalResult.from_totals(evaluate(raw_net, test_batches, run.amp_dtype)[0])
     history, best = [EpochMetrics.from_row(row) for row in progress.history], progress.best
     summary = Summary(
         model=run.recipe.model, dataset=run.config.dataset, epochs=len(history), best_epoch=best["epoch"],
@@ -448,10 +462,10 @@ def finish(run: Run, data: Data, training: Training, progress: Progress, output:
         final_test_loss=final.loss, validation=data.validation, **timings(history))
     store.write_text(run.folder / declarations.SUMMARY_FILE, declarations.json_text(summary))
     try:
-        plot.plot_curves(run.folder)  # once more, now that the title can carry the test accuracy
-        output.say(f"Test accuracy: {summary.final_test_acc:.4f} (final weights), "
-                   f"{summary.test_acc:.4f} (best.pt, epoch {best['epoch']})")
-        output.say("Model Saved")
+        figures.plot_curves(run.folder)  # once more, now that the title can carry the test accuracy
+        output.print_and_log(f"Test accuracy: {summary.final_test_acc:.4f} (final weights), "
+                             f"{summary.test_acc:.4f} (best.pt, epoch {best['epoch']})")
+        output.print_and_log("Model Saved")
     except store.WriteFailed:
         # summary.json marks a finished run; without it, the --resume the error asks for finishes it again
         store.remove_file(run.folder / declarations.SUMMARY_FILE)

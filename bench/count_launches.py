@@ -120,7 +120,7 @@ def count_step(model: str, amp: str, sgd: str, batch_size: int, folder: Path) ->
     run = SimpleNamespace(procs=Processes(False, 0, 1, 0, device), folder=folder, recipe=recipe,
                           config=SimpleNamespace(settings=flags.Settings(no_progress=True)))
     data = SimpleNamespace(train_batches=CountedBatches(batches, counter))
-    training = train.Training(net, net, steps, 0, 0)
+    training = train.NetworkAndOptimization(net, net, steps, 0, 0)
     with counter:
         train.train_epoch(run, data, training, SimpleNamespace(history=[]), 1)
     return {phase: counter.ops[COUNTED_STEP, phase] for phase in ("batch", "step", "accounting")}

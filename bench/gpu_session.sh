@@ -17,7 +17,7 @@
 # The script prints this arithmetic from LIMITS below at the start (tests/test_gpu_session.py checks it) and
 # refuses to run when a part's worst case is over CALL_BUDGET or both parts' over SESSION_BUDGET.
 #
-# Part speed, in order of importance; each limit from the arithmetic beside it (H100 figures are README's targets
+# Part speed, in order of importance; each limit from the arithmetic beside it (H100 figures are docs/gpu.md's targets
 # and guesses: nothing has run on a GPU yet; a first epoch pays for cuDNN autotuning and for compiling):
 #   data           25 s  DATA_DIR/cifar-10-batches-py, built by .gpu/make_cifar10.py when missing (15 s on 2 busy
 #                        cores here; the box has 16), then read back once through the project's loader (3 s)
@@ -40,7 +40,7 @@
 #   data, device   25 s each, as above (the data are there on a warm machine; the tiny compile only if compiling)
 #   accuracy      340 s  cnn_resnet18 and cnn_se_resnet18, 50 epochs of the default recipe each, side by side on
 #                        the one GPU (the course report's headline pair: 85.29% vs 77.19% under its own recipe).
-#                        At README's H100 target, 1.5-2.6 s a ResNet-18 epoch (SE ~20% more: 1.8-3.1 s), one
+#                        At docs/gpu.md's H100 target, 1.5-2.6 s a ResNet-18 epoch (SE ~20% more: 1.8-3.1 s), one
 #                        after the other would need 2 x 15 s (start, autotuning, final tests) + 50 x (2.6 + 3.1) s
 #                        = 315 s; side by side, each run takes the whole limit if it needs it, and the GPU, mostly
 #                        waiting on kernel launches at batch 128, serves both at once: at most the sum, when the

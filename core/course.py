@@ -13,7 +13,7 @@ NAME = "course"  # the --recipe choice
 DEFAULT_NAME = "default"  # the --recipe that runs saved before the flag existed were trained with
 # From the report: plain SGD (no Nesterov, no weight decay) at a constant 0.001 for every model with momentum
 # 0.9, no warmup, no augmentation (normalization only), 50 epochs, validated on the test set. The report gives
-# no batch size; 8 is the one whose first epochs match its BaseCNN log (README: "The course's recipe").
+# no batch size; 8 is the one whose first epochs match its BaseCNN log (docs/course-recipe.md).
 RECIPE = {"epochs": 50, "batch_size": 8, "lr": 0.001, "momentum": 0.9, "nesterov": False, "weight_decay": 0.0,
           "label_smoothing": 0.0, "warmup_epochs": 0.0, "schedule": "constant", "val_size": 0, "aug": "none"}
 REPORT_FILE = Path(__file__).resolve().parent / "course_report.csv"

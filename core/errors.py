@@ -6,11 +6,16 @@ flag, file or dataset the user can fix; DataError, RunFileError, CheckpointError
 it) and RunFailed (exit 1: a run that failed on its own or through its surroundings, its saved state intact).
 FolderInUse is a UsageError with its own code under --auto-resume (73). The signals that stop a run take the
 path Ctrl-C takes (Stopped, a KeyboardInterrupt) with their own codes: 130 Ctrl-C, 143 SIGTERM, 75 SIGUSR1.
+
+A closed pipe is not an error (`python main_cifar10.py --list-models | head -3`): once the reader of stdout or
+stderr has gone, what the command writes there goes to os.devnull and the command does the rest of its work, a
+training run included, and ends with its own exit code (0 for a listing).
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable
+from typing import Callable, TextIO
 
 USAGE_EXIT = 2
 FAILED_EXIT = 1
@@ -68,10 +73,56 @@ class RunFailed(ProjectError):
     exit_code = FAILED_EXIT
 
 
+class QuietWhenClosed:
+    """sys.stdout or sys.stderr, except that once its reader has gone (a closed pipe: `| head`), what is written
+    goes to os.devnull instead of raising BrokenPipeError. os.devnull takes the stream's file descriptor (as
+    Python's docs advise for BrokenPipeError), so that what the stream still holds in its buffer goes there too,
+    in the interpreter's final flush, and so does the output of a process started later with that descriptor."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self.to_devnull()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self.to_devnull()
+
+    def to_devnull(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stream.fileno())
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+def quiet_closed_pipes() -> None:
+    """From now on, a stdout or stderr whose reader has gone takes what is written to os.devnull: the command
+    goes on and ends as it would have (the same exit code), and no BrokenPipeError traceback is printed. Why
+    not end it at once, as SIGPIPE ends a Unix tool (exit 141)? A training run or a sweep piped into `tee` or
+    `less` must not lose its epoch, or its runs, when that reader goes; everything it prints is in its log too."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, QuietWhenClosed):
+            setattr(sys, name, QuietWhenClosed(stream))
+
+
 def run_command(command: Callable[[], int], report: bool = True,
                 interrupted: str = "Interrupted; nothing new was saved") -> int:
     """command()'s exit code; a ProjectError or Ctrl-C ends it in one line on stderr (when report: under
-    torchrun only rank 0 speaks) and its exit code instead of a traceback."""
+    torchrun only rank 0 speaks) and its exit code instead of a traceback. A closed stdout or stderr is not
+    an error (quiet_closed_pipes)."""
+    quiet_closed_pipes()
     try:
         return command()
     except ProjectError as err:

@@ -1,34 +1,17 @@
-"""The model zoo: every network the training scripts can build, by its ``--model`` flag name."""
+"""The model zoo: every network the training scripts can build, by its ``--model`` flag name.
+
+Importing this package is cheap (no torch): the table names each model's factory as "<module>.<function>" of this
+folder, and the factory's module, which imports torch, is imported when the model is built. So plot.py orders and
+colours the runs of a results folder by the names and families below without torch.
+"""
+from __future__ import annotations
+
+import importlib
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
-from model.base_cnn import base_cnn
-from model.densenet import densenet121, densenet169, densenet201, densenet264
-from model.res2net import res2net50, res2next29_6c24w4s
-from model.resnet import (
-    ca_resnet18,
-    ca_resnet50,
-    nl_resnet18,
-    nl_resnet50,
-    resnet18,
-    resnet34,
-    resnet50,
-    resnet101,
-    resnet152,
-    se_resnet18,
-    se_resnet34,
-    se_resnet50,
-    se_resnet101,
-    se_resnet152,
-)
-from model.resnext import resnext29_8x64d, resnext29_16x64d, resnext29_32x4d
-from model.scnet import scnet50, scnet101
-from model.sknet import sknet29
-from model.vgg import vgg11, vgg13, vgg16, vgg19
+if TYPE_CHECKING:
+    from torch import nn
 
 DEFAULT_LR = 0.1  # the peak learning rate of every model that does not set its own
 
@@ -38,10 +21,16 @@ class ModelSpec:
     """One entry of the zoo: how to build it, the family it belongs to, whether the course trained it
     (--list-models course), and its default peak learning rate (--lr when the flag is not given)."""
 
-    build: Callable[[int], nn.Module]
+    factory: str  # "resnet.resnet18": the function resnet18 of model/resnet.py, called with the number of classes
     family: str
     course: bool = False
     lr: float = DEFAULT_LR
+
+    @property
+    def build(self) -> Callable[[int], nn.Module]:
+        """The factory, its module imported on first use."""
+        module, function = self.factory.split(".")
+        return getattr(importlib.import_module(f"model.{module}"), function)
 
 
 # Every family, in listing order.
@@ -52,41 +41,44 @@ FAMILIES: tuple[str, ...] = ("base", "resnet", "densenet", "se_resnet", "vgg", "
 # The course's 15 first, in the course report's order; each factory takes the number of classes.
 MODELS: dict[str, ModelSpec] = {
     # BaseCNN has no BatchNorm and diverges or trains poorly at 0.1.
-    "cnn_base": ModelSpec(base_cnn, "base", course=True, lr=0.05),
-    "cnn_resnet18": ModelSpec(resnet18, "resnet", course=True),
-    "cnn_resnet34": ModelSpec(resnet34, "resnet", course=True),
-    "cnn_resnet50": ModelSpec(resnet50, "resnet", course=True),
-    "cnn_resnet101": ModelSpec(resnet101, "resnet", course=True),
-    "cnn_resnet152": ModelSpec(resnet152, "resnet", course=True),
-    "cnn_densenet121": ModelSpec(densenet121, "densenet", course=True),
-    "cnn_densenet169": ModelSpec(densenet169, "densenet", course=True),
-    "cnn_densenet201": ModelSpec(densenet201, "densenet", course=True),
-    "cnn_densenet264": ModelSpec(densenet264, "densenet", course=True),
-    "cnn_se_resnet18": ModelSpec(se_resnet18, "se_resnet", course=True),
-    "cnn_se_resnet34": ModelSpec(se_resnet34, "se_resnet", course=True),
-    "cnn_se_resnet50": ModelSpec(se_resnet50, "se_resnet", course=True),
-    "cnn_se_resnet101": ModelSpec(se_resnet101, "se_resnet", course=True),
-    "cnn_se_resnet152": ModelSpec(se_resnet152, "se_resnet", course=True),
+    "cnn_base": ModelSpec("base_cnn.base_cnn", "base", course=True, lr=0.05),
+    "cnn_resnet18": ModelSpec("resnet.resnet18", "resnet", course=True),
+    "cnn_resnet34": ModelSpec("resnet.resnet34", "resnet", course=True),
+    "cnn_resnet50": ModelSpec("resnet.resnet50", "resnet", course=True),
+    "cnn_resnet101": ModelSpec("resnet.resnet101", "resnet", course=True),
+    "cnn_resnet152": ModelSpec("resnet.resnet152", "resnet", course=True),
+    "cnn_densenet121": ModelSpec("densenet.densenet121", "densenet", course=True),
+    "cnn_densenet169": ModelSpec("densenet.densenet169", "densenet", course=True),
+    "cnn_densenet201": ModelSpec("densenet.densenet201", "densenet", course=True),
+    "cnn_densenet264": ModelSpec("densenet.densenet264", "densenet", course=True),
+    "cnn_se_resnet18": ModelSpec("resnet.se_resnet18", "se_resnet", course=True),
+    "cnn_se_resnet34": ModelSpec("resnet.se_resnet34", "se_resnet", course=True),
+    "cnn_se_resnet50": ModelSpec("resnet.se_resnet50", "se_resnet", course=True),
+    "cnn_se_resnet101": ModelSpec("resnet.se_resnet101", "se_resnet", course=True),
+    "cnn_se_resnet152": ModelSpec("resnet.se_resnet152", "se_resnet", course=True),
     # The rest of the networks the course report names.
-    "cnn_vgg11": ModelSpec(vgg11, "vgg"),
-    "cnn_vgg13": ModelSpec(vgg13, "vgg"),
-    "cnn_vgg16": ModelSpec(vgg16, "vgg"),
-    "cnn_vgg19": ModelSpec(vgg19, "vgg"),
-    "cnn_resnext29_8x64d": ModelSpec(resnext29_8x64d, "resnext"),
-    "cnn_resnext29_16x64d": ModelSpec(resnext29_16x64d, "resnext"),
-    "cnn_resnext29_32x4d": ModelSpec(resnext29_32x4d, "resnext"),
-    "cnn_sknet29": ModelSpec(sknet29, "sknet"),
-    "cnn_res2next29_6c24w4s": ModelSpec(res2next29_6c24w4s, "res2net"),
-    "cnn_res2net50": ModelSpec(res2net50, "res2net"),
-    "cnn_scnet50": ModelSpec(scnet50, "scnet"),
-    "cnn_scnet101": ModelSpec(scnet101, "scnet"),
-    "cnn_ca_resnet18": ModelSpec(ca_resnet18, "ca_resnet"),
-    "cnn_ca_resnet50": ModelSpec(ca_resnet50, "ca_resnet"),
-    "cnn_nl_resnet18": ModelSpec(nl_resnet18, "nl_resnet"),
-    "cnn_nl_resnet50": ModelSpec(nl_resnet50, "nl_resnet"),
+    "cnn_vgg11": ModelSpec("vgg.vgg11", "vgg"),
+    "cnn_vgg13": ModelSpec("vgg.vgg13", "vgg"),
+    "cnn_vgg16": ModelSpec("vgg.vgg16", "vgg"),
+    "cnn_vgg19": ModelSpec("vgg.vgg19", "vgg"),
+    "cnn_resnext29_8x64d": ModelSpec("resnext.resnext29_8x64d", "resnext"),
+    "cnn_resnext29_16x64d": ModelSpec("resnext.resnext29_16x64d", "resnext"),
+    "cnn_resnext29_32x4d": ModelSpec("resnext.resnext29_32x4d", "resnext"),
+    "cnn_sknet29": ModelSpec("sknet.sknet29", "sknet"),
+    "cnn_res2next29_6c24w4s": ModelSpec("res2net.res2next29_6c24w4s", "res2net"),
+    "cnn_res2net50": ModelSpec("res2net.res2net50", "res2net"),
+    "cnn_scnet50": ModelSpec("scnet.scnet50", "scnet"),
+    "cnn_scnet101": ModelSpec("scnet.scnet101", "scnet"),
+    "cnn_ca_resnet18": ModelSpec("resnet.ca_resnet18", "ca_resnet"),
+    "cnn_ca_resnet50": ModelSpec("resnet.ca_resnet50", "ca_resnet"),
+    "cnn_nl_resnet18": ModelSpec("resnet.nl_resnet18", "nl_resnet"),
+    "cnn_nl_resnet50": ModelSpec("resnet.nl_resnet50", "nl_resnet"),
 }
 # The 15 networks the course trained, for sweeps that keep to them (--list-models course).
 COURSE_MODELS: tuple[str, ...] = tuple(name for name, spec in MODELS.items() if spec.course)
+# Every model's family, in --list-models order: what the reports order and colour runs by. plot.py hands it to
+# them, as the reports import no model code.
+MODEL_FAMILIES: dict[str, str] = {name: spec.family for name, spec in MODELS.items()}
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
@@ -114,6 +106,9 @@ def count_parameters(net: nn.Module) -> int:
 def count_flops(net: nn.Module, image_size: int = 32) -> int:
     """FLOPs of one forward pass on one 3 x image_size x image_size image, as torch.utils.flop_counter
     counts them (a multiply-add is 2 FLOPs; convolutions and matrix products only)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     parameter = next(net.parameters())
     image = torch.zeros(1, 3, image_size, image_size, device=parameter.device, dtype=parameter.dtype)
     # Eval mode so BatchNorm leaves its running statistics alone; each module's own mode is put back
@@ -144,6 +139,8 @@ def format_flops(flops: int) -> str:
 
 def model_table_markdown() -> str:
     """The README's model table: parameters and forward FLOPs per 32x32 image for 10 and 100 classes."""
+    import torch
+
     lines = [
         "| model | params (10 classes) | FLOPs (10 classes) | params (100 classes) | FLOPs (100 classes) |",
         "|---|---:|---:|---:|---:|",

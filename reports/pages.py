@@ -6,7 +6,8 @@ Everything taken from the run files (model names, tags, class names, paths, any 
 through html.escape, so a crafted class name or tag shows as text instead of running as markup.
 The summary table is reports/summary.py's (same rows, columns and footnotes as summary.md); a few lines of inline
 script sort it by a clicked column header, and without script it reads in summary.md's order. The settings
-shown per run are the flags training/flags.py declares as reported, as config.json holds them.
+shown per run are the flags runfolder/declarations.py names as reported (REPORTED_FLAGS), as config.json holds
+them.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from runfolder.declarations import (
     CURVES_FILE,
     EVAL_FILE,
     PAGE_FILE,
+    REPORTED_FLAGS,
     SUMMARY_CSV_FILE,
     SUMMARY_FILE,
     SUMMARY_MD_FILE,
@@ -36,7 +38,6 @@ from runfolder.declarations import (
     as_number,
 )
 from runfolder.store import write_text
-from training.flags import REPORTED_FLAGS
 
 # The settings a reader compares between runs, in this order, when config.json has them: the reported
 # flags, then what the run found (validation set, GPU, processes, torch version).
@@ -285,7 +286,7 @@ def _dataset_line(rows: list[dict]) -> str:
 def write_index(results_root: Path, summaries: dict[Path, list[dict]]) -> Path:
     """Write <results_root>/index.html linking each dataset's page (written before, by
     write_dataset_page), with its comparison.png; summaries: each dataset folder's summary rows
-    (plot.summarize_dataset's). Returns its path."""
+    (reports/folders.py's summarize_dataset's). Returns its path."""
     results_root = Path(results_root)
     body = ["<h1>Results</h1>", "<ul>"]
     figures = []

@@ -1,6 +1,8 @@
 """The summary table of a dataset folder: its rows (the runs read from their folders, seeds of one model
 grouped), its one column specification, its footnotes, and its two text forms, summary.csv and summary.md.
-plot.py draws the comparison figure from the same rows and reports/pages.py puts the same table in the HTML page.
+reports/figures.py draws the comparison figure from the same rows and reports/pages.py puts the same table in
+the HTML page. The model names, in --list-models order, come in as an argument (model_names): the reports import
+no model code.
 """
 from __future__ import annotations
 
@@ -45,13 +47,6 @@ def pretty_dataset(name: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Reading run folders
-
-
-def known_model_names() -> list[str]:
-    """Model flag names in --list-models order (the registry's order)."""
-    # Imported here, not at the top: the registry imports torch, which plot_curves does not need.
-    from model import MODELS
-    return list(MODELS)
 
 
 def split_run_name(run_name: str, model_names: list[str]) -> tuple[str, str | None]:

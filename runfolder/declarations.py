@@ -205,6 +205,14 @@ class RunFacts(Record):
     command: str = ""  # the command line that started (or last continued) the run
 
 
+# The flags of config.json that the HTML report shows per run, in this order (reports/pages.py, which imports no
+# training code): the recipe and the settings a reader compares between runs. training/flags.py declares each flag
+# left out here reported=False, and tests/test_layers.py checks that the two agree.
+REPORTED_FLAGS = ("recipe", "model", "epochs", "batch_size", "lr", "momentum", "nesterov", "weight_decay",
+                  "label_smoothing", "warmup_epochs", "schedule", "val_size", "aug", "subset", "seed", "sync_bn",
+                  "tag", "device", "amp", "channels_last", "compile")
+
+
 @dataclass(frozen=True, kw_only=True)
 class Summary(Record):
     """summary.json: written when a run has finished; its presence marks the run finished."""

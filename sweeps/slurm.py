@@ -18,6 +18,7 @@ from pathlib import Path
 
 from core.errors import STOPPED_EXIT, UsageError
 from runfolder import store
+from sweeps.plan import LOGS_FOLDER, PLAN_FILE
 from training import flags
 
 SBATCH_FILE = "sweep.sbatch"
@@ -45,7 +46,7 @@ def header(args, folder: Path, count: int) -> list[str]:
     """The #SBATCH lines."""
     cap = f"%{args.max_parallel}" if args.max_parallel else ""
     options = [f"--job-name={args.name}", f"--array=0-{count - 1}{cap}", "--requeue", "--open-mode=append",
-               f"--output={folder.resolve() / 'logs' / '%a.log'}", f"--signal=B:USR1@{args.stop_margin}",
+               f"--output={folder.resolve() / LOGS_FOLDER / '%a.log'}", f"--signal=B:USR1@{args.stop_margin}",
                "--ntasks=1"]
     if args.gpus_per_run:
         options.append(f"--gres=gpu:{args.gpus_per_run}")
@@ -54,7 +55,7 @@ def header(args, folder: Path, count: int) -> list[str]:
 
 
 def sbatch_script(args, folder: Path, count: int) -> str:
-    plan = shlex.quote(str(folder.resolve() / "runs.txt"))
+    plan = shlex.quote(str(folder.resolve() / PLAN_FILE))
     torchrun = (f'command=("${{command[0]}}" -m torch.distributed.run --standalone '
                 f'--nproc_per_node={args.gpus_per_run} "${{command[@]:1}}")\n' if args.gpus_per_run > 1 else "")
     # Under torchrun the signal goes to its ranks (torchrun itself would die of SIGUSR1), and a rank's 75

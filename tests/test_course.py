@@ -10,10 +10,10 @@ import shutil
 import pytest
 from test_train import assert_one_line_error, read_metrics, tiny_args
 
-import plot
 import train
 from core import course
-from model import MODELS
+from model import MODEL_FAMILIES, MODELS
+from reports.folders import summarize_dataset
 from training import flags
 from training.optimization import lr_factor
 
@@ -23,7 +23,7 @@ RESOLVED_COURSE = {"recipe": "course", "epochs": 50, "batch_size": 8, "lr": 0.00
 
 
 def resolved(*argv: str) -> flags.Recipe:
-    """The recipe a run of these flags trains with, as train.open_run resolves it."""
+    """The recipe a run of these flags trains with, as train.resolve resolves it."""
     args = flags.build_parser("cifar10").parse_args(list(argv))
     return flags.with_default_lr(flags.with_recipe_defaults(flags.typed_recipe(args), flags.flags_given(list(argv))))
 
@@ -115,7 +115,7 @@ def test_the_course_figure_stands_beside_course_recipe_runs_only(cifar10_dir, tm
     config_path = dataset_dir / "cnn_base-course" / "config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, **course.RECIPE, "tag": "course"}))
-    plot.summarize_dataset(dataset_dir)
+    summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     with open(dataset_dir / "summary.csv", newline="") as summary_file:
         rows = {row["run_dirs"]: row for row in csv.DictReader(summary_file)}
@@ -135,6 +135,6 @@ def test_the_course_figure_stands_beside_course_recipe_runs_only(cifar10_dir, tm
 
 def test_without_a_course_run_there_is_no_course_column(cifar10_dir, tmp_path):
     assert train.main("cifar10", tiny_args(cifar10_dir, tmp_path, epochs=1)) == 0
-    plot.summarize_dataset(tmp_path / "cifar10")
+    summarize_dataset(tmp_path / "cifar10", MODEL_FAMILIES)
     assert "course report" not in (tmp_path / "cifar10" / "summary.md").read_text()
     assert "course report" not in (tmp_path / "cifar10" / "index.html").read_text()

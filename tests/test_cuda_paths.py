@@ -5,18 +5,19 @@ the GPU's compute capability, and torchrun's timeout, buckets and a sweep's shar
 import datetime
 import json
 import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 from test_train import read_metrics, tiny_args
 
-import sweep
 import train
 from cifar import batches
-from conftest import message_lines
-from runfolder import store
-from training import devices, flags, processes
+from conftest import REPO_ROOT, message_lines
+from sweeps.workers import worker_environments
+from training import devices, flags, processes, rng_state
 
 # ---------------------------------------------------------------------------------------------------
 # Random-number state: only the training device's GPU
@@ -49,25 +50,25 @@ class FakeCuda:
 
 def test_the_rng_state_of_the_training_gpu_alone_is_saved_and_restored(monkeypatch):
     cuda = FakeCuda(monkeypatch, count=8)
-    state = store.get_rng_state(torch.device("cuda", 3))
+    state = rng_state.get_rng_state(torch.device("cuda", 3))
     assert int(state["cuda"][0]) == 3
     one_gpu = FakeCuda(monkeypatch, count=1)  # resumed where one GPU is visible: it is cuda:0
-    store.set_rng_state(state, torch.device("cuda", 0))
+    rng_state.set_rng_state(state, torch.device("cuda", 0))
     assert one_gpu.restored == [(3, 0)] and cuda.restored == []
 
 
 def test_an_older_last_pt_with_every_gpus_state_resumes_on_fewer_gpus(monkeypatch):
-    older = store.get_rng_state(None)
+    older = rng_state.get_rng_state(None)
     older["cuda"] = [torch.tensor([index], dtype=torch.uint8) for index in range(8)]  # as 2e73890 saved it
     cuda = FakeCuda(monkeypatch, count=1)
-    store.set_rng_state(older, torch.device("cuda", 0))
+    rng_state.set_rng_state(older, torch.device("cuda", 0))
     assert cuda.restored == [(0, 0)]
-    store.set_rng_state(older, torch.device("cpu"))  # a CPU run of it restores no GPU state
+    rng_state.set_rng_state(older, torch.device("cpu"))  # a CPU run of it restores no GPU state
     # saved on 2 GPUs, resumed under torchrun on 4: rank 1 takes GPU 1's state; GPUs 2 and 3 have none to take
     older["cuda"] = older["cuda"][:2]
     four = FakeCuda(monkeypatch, count=4)
     for index in (1, 2, 3):
-        store.set_rng_state(older, torch.device("cuda", index))
+        rng_state.set_rng_state(older, torch.device("cuda", index))
     assert four.restored == [(1, 1)]
     assert cuda.restored == [(0, 0)]
 
@@ -229,6 +230,36 @@ def test_ddp_keeps_the_gradients_in_its_buckets(monkeypatch, tmp_path):
         processes.end_processes()
 
 
+# A process that joins a group, trains with DDP (which imports torch._dynamo, and with it
+# torch.distributed.nn.functional) and leaves the group: whether the group is freed then.
+LEAVES_THE_GROUP = """
+import sys, weakref
+import torch
+from training import processes
+store = torch.distributed.FileStore(sys.argv[1], 1)
+torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+group = weakref.ref(torch.distributed.group.WORLD)
+net = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))
+net(torch.ones(1, 2)).sum().backward()
+del net
+processes.end_processes()
+print("freed" if group() is None else "still held")
+"""
+
+
+def test_leaving_the_process_group_frees_it_so_that_gloos_threads_end_before_exit(tmp_path):
+    """Nothing may hold the group once end_processes has left it: its gloo threads end only when it is freed, and
+    still running at interpreter exit they can abort the process (pytorch/pytorch#179291). torch.distributed.nn's
+    collectives take the group as their default when that module is first imported after the group started;
+    training/processes.py imports it before. In a process of its own: in this one, any earlier test may have
+    imported the module first."""
+    completed = subprocess.run([sys.executable, "-c", LEAVES_THE_GROUP, str(tmp_path / "store")], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip() == "freed"
+    assert "terminate called" not in completed.stderr
+
+
 @pytest.mark.parametrize("gpus, cores, share", [(8, 64, "8"), (8, 4, "1"), (1, 16, "16")])
 def test_each_sweep_worker_gets_its_share_of_the_cores_for_math_and_for_compiling(monkeypatch, gpus, cores, share):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -236,11 +267,11 @@ def test_each_sweep_worker_gets_its_share_of_the_cores_for_math_and_for_compilin
     monkeypatch.setattr(os, "cpu_count", lambda: cores)
     for name in ("OMP_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS", "CUDA_VISIBLE_DEVICES"):
         monkeypatch.delenv(name, raising=False)
-    environments = sweep.worker_environments(SimpleNamespace(workers=None, gpus=None))
+    environments = worker_environments(SimpleNamespace(workers=None, gpus=None))
     assert len(environments) == gpus
     for env in environments.values():
         assert env["OMP_NUM_THREADS"] == share and env["TORCHINDUCTOR_COMPILE_THREADS"] == share
     monkeypatch.setenv("TORCHINDUCTOR_COMPILE_THREADS", "3")  # what the user set is kept
-    cpu_workers = sweep.worker_environments(SimpleNamespace(workers=2, gpus=None))
+    cpu_workers = worker_environments(SimpleNamespace(workers=2, gpus=None))
     assert {env["TORCHINDUCTOR_COMPILE_THREADS"] for env in cpu_workers.values()} == {"3"}
     assert {env["OMP_NUM_THREADS"] for env in cpu_workers.values()} == {str(max(1, cores // 2))}

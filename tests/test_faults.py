@@ -22,7 +22,7 @@ import plot
 import train
 from conftest import REPO_ROOT, STARTED, descendants, without_time
 from core.errors import IN_USE_EXIT, TERMINATED_EXIT, FolderInUse, UsageError
-from runfolder import declarations, store
+from runfolder import declarations, lock, store
 
 NO_SPACE = "No space left on device"
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
@@ -117,7 +117,7 @@ def test_a_folder_in_use_refuses_runs_and_eval_but_not_plot_then_sigterm_stops_i
     rows = read_metrics(run_dir)
     assert len(rows) in (saved - 1, saved) and rows == as_read(last["history"][:len(rows)])
     assert torch.load(run_dir / declarations.BEST_CHECKPOINT, weights_only=True)["epoch"] <= saved + 1
-    store.refuse_if_in_use(run_dir)  # the lock went with the process
+    lock.refuse_if_in_use(run_dir)  # the lock went with the process
 
 
 # Both processes import everything, say they are ready, then wait for one file to appear, so that their
@@ -300,42 +300,42 @@ def test_a_lock_file_that_cannot_be_written_still_locks(tmp_path):
     if not Path("/dev/full").exists():
         pytest.skip("needs /dev/full")
     (tmp_path / declarations.LOCK_FILE).symlink_to("/dev/full")
-    lock = store.lock_run_folder(tmp_path)
+    held = lock.lock_run_folder(tmp_path)
     with pytest.raises(UsageError, match="in use by another process"):
-        store.refuse_if_in_use(tmp_path)
-    lock.close()
-    store.refuse_if_in_use(tmp_path)
+        lock.refuse_if_in_use(tmp_path)
+    held.close()
+    lock.refuse_if_in_use(tmp_path)
 
 
 def test_a_lock_names_its_holder_alone_and_both_ways_of_meeting_it_refuse_with_that_line(tmp_path):
     """Each new holder rewrites the holder's line (a refused process names the live holder, not an earlier one);
     checking for the lock and taking it both refuse with the whole line and the exit code they were given."""
-    store.lock_run_folder(tmp_path).close()
-    lock = store.lock_run_folder(tmp_path)  # the folder locked again, by a resume, say
+    lock.lock_run_folder(tmp_path).close()
+    held = lock.lock_run_folder(tmp_path)  # the folder locked again, by a resume, say
     holder = f"process {os.getpid()} on {socket.gethostname()}"
     assert (tmp_path / declarations.LOCK_FILE).read_text() == holder + "\n"
-    for attempt in (store.refuse_if_in_use, store.lock_run_folder):
+    for attempt in (lock.refuse_if_in_use, lock.lock_run_folder):
         with pytest.raises(FolderInUse) as refused:
             attempt(tmp_path, IN_USE_EXIT)
         assert str(refused.value) == (f"{tmp_path} is in use by {holder}; wait for it to finish, or pass another "
                                       "--tag or --results-dir")
         assert refused.value.exit_code == IN_USE_EXIT
-    lock.close()
+    held.close()
 
 
 def test_a_run_folder_that_cannot_be_made_or_locked_says_why(tmp_path, monkeypatch, capsys):
     (tmp_path / "a-file").write_text("")
     with pytest.raises(UsageError) as refused:
-        store.lock_run_folder(tmp_path / "a-file" / "run")
+        lock.lock_run_folder(tmp_path / "a-file" / "run")
     assert str(refused.value) == (f"cannot create {tmp_path / 'a-file' / 'run'} ({os.strerror(errno.ENOTDIR)}); "
                                   "pick another --results-dir")
 
     def no_locks(handle, operation):  # a file system without locks, as some network ones are
         raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
 
-    monkeypatch.setattr(store.fcntl, "flock", no_locks)
+    monkeypatch.setattr(lock.fcntl, "flock", no_locks)
     capsys.readouterr()
-    store.lock_run_folder(tmp_path / "run").close()  # runs all the same, and says so
+    lock.lock_run_folder(tmp_path / "run").close()  # runs all the same, and says so
     assert capsys.readouterr().err == (f"warning: cannot lock {tmp_path / 'run' / declarations.LOCK_FILE} "
                                        f"({os.strerror(errno.ENOLCK)}); make sure no other process uses "
                                        f"{tmp_path / 'run'}\n")
@@ -344,12 +344,12 @@ def test_a_run_folder_that_cannot_be_made_or_locked_says_why(tmp_path, monkeypat
 def test_the_holder_named_by_a_refusal_is_read_from_any_lock_file_without_failing(tmp_path):
     """The line a refused run prints names the lock's holder as it wrote itself; a lock file gone by the time it
     is read, or holding bytes that are not UTF-8 (written by something else), still gives that line."""
-    lock = tmp_path / declarations.LOCK_FILE
-    assert store._holder(lock) == "another process"  # gone
-    lock.write_bytes(b"process 12 on \xffhost\nmore")
-    assert store._holder(lock) == "process 12 on \ufffdhost"
-    lock.write_bytes(b"x" * 1000)  # no end of line: its first 200 bytes, not a line as long as the file
-    assert store._holder(lock) == "x" * 200
+    lock_path = tmp_path / declarations.LOCK_FILE
+    assert lock._holder(lock_path) == "another process"  # gone
+    lock_path.write_bytes(b"process 12 on \xffhost\nmore")
+    assert lock._holder(lock_path) == "process 12 on \ufffdhost"
+    lock_path.write_bytes(b"x" * 1000)  # no end of line: its first 200 bytes, not a line as long as the file
+    assert lock._holder(lock_path) == "x" * 200
 
 
 def test_a_run_file_that_cannot_be_removed_is_one_line_naming_it(tmp_path):
@@ -399,7 +399,7 @@ def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, ci
     assert not (run_dir / name).exists()
     assert (run_dir / declarations.BEST_CHECKPOINT).read_bytes() == best
     assert_every_file_is_whole(run_dir)
-    store.refuse_if_in_use(run_dir)  # the lock is let go after a failure
+    lock.refuse_if_in_use(run_dir)  # the lock is let go after a failure
 
 
 # ---------------------------------------------------------------------------------------------------

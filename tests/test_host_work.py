@@ -5,6 +5,7 @@ appended a line at a time. Everything here runs on the CPU; what needs CUDA is f
 """
 import errno
 import os
+import signal
 import threading
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,12 +16,12 @@ from test_faults import NO_SPACE, fault_args, temp_files
 from test_train import assert_one_line_error, read_metrics
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import plot
 import train
 from cifar.batches import BatchOptions, EvalBatches
 from conftest import without_time
 from core.errors import RunFailed
 from model import build_model
+from reports import figures
 from runfolder import declarations, store
 from training import optimization, recording
 from training.dataset import eval_batch_size
@@ -199,7 +200,7 @@ def run_folder_with_metrics(folder: Path) -> Path:
 def test_the_drawer_draws_in_another_process_one_drawing_at_a_time(tmp_path, monkeypatch):
     def not_here(*args):
         raise AssertionError("curves.png drawn in the training process")
-    monkeypatch.setattr(plot, "plot_curves", not_here)
+    monkeypatch.setattr(figures, "plot_curves", not_here)
     folder = run_folder_with_metrics(tmp_path / "run")
     drawer = recording.CurvesDrawer()
     assert drawer.draw(folder)
@@ -232,13 +233,24 @@ def failed_drawing(tmp_path: Path) -> recording.Output:
     return output
 
 
+def test_a_drawing_process_that_dies_before_answering_is_a_failed_drawing(tmp_path):
+    folder = run_folder_with_metrics(tmp_path / "run")
+    drawer = recording.CurvesDrawer()
+    drawer.draw(folder)
+    os.kill(drawer._process.pid, signal.SIGKILL)  # before it has imported matplotlib, let alone answered
+    failure = drawer.close()
+    assert isinstance(failure, store.WriteFailed)
+    assert str(failure) == f"cannot write {folder / declarations.CURVES_FILE} (the drawing process ended with exit " \
+                           f"code {-signal.SIGKILL})"
+
+
 def test_the_next_save_hands_over_a_failed_drawing_before_it_writes_anything(tmp_path):
     output = failed_drawing(tmp_path)
     while output.drawer.busy():
         pass
     with pytest.raises(store.WriteFailed, match="curves.png"):
         output.save_epoch(None, None, None, None, False)  # raised before save_epoch looks at the epoch
-    assert output.settle() is None  # handed over once
+    assert output.wait_returning_error() is None  # handed over once
 
 
 def test_the_end_of_a_run_waits_for_the_drawing_under_way_and_reports_its_failure(tmp_path):
@@ -248,14 +260,14 @@ def test_the_end_of_a_run_waits_for_the_drawing_under_way_and_reports_its_failur
         output.wait()
     assert has_ended(pid)
     output = failed_drawing(tmp_path / "again")
-    assert isinstance(output.settle(), store.WriteFailed)
+    assert isinstance(output.wait_returning_error(), store.WriteFailed)
 
 
 def test_a_run_draws_its_curves_in_the_training_process_only_at_the_end(cifar10_dir, tmp_path, monkeypatch):
     """Drawn after every epoch here, always in the drawing process, which has ended when the run returns."""
     monkeypatch.setattr(recording, "CURVES_EVERY_SECONDS", 0.0)
-    drawn_here, real_plot_curves = [], plot.plot_curves
-    monkeypatch.setattr(plot, "plot_curves", lambda folder: drawn_here.append(folder) or real_plot_curves(folder))
+    drawn_here, real_plot_curves = [], figures.plot_curves
+    monkeypatch.setattr(figures, "plot_curves", lambda folder: drawn_here.append(folder) or real_plot_curves(folder))
     drawn_there, real_draw = [], recording.CurvesDrawer.draw
 
     def draw(self, folder):
@@ -273,7 +285,7 @@ def test_a_run_draws_its_curves_in_the_training_process_only_at_the_end(cifar10_
 
 
 def test_a_run_shorter_than_the_drawing_interval_starts_no_drawing_process(cifar10_dir, tmp_path, monkeypatch):
-    """Its end draws curves.png; a process that imports plot.py's libraries for nothing would cost a tiny run
+    """Its end draws curves.png; a process that imports reports/figures.py's libraries for nothing would cost a tiny run
     (and the test suite, made of them) seconds."""
     monkeypatch.setattr(recording, "CURVES_EVERY_SECONDS", 3600.0)
     drawn_there = []
@@ -326,7 +338,7 @@ def test_the_writer_thread_copies_the_state_on_the_training_threads_stream(cifar
         def __exit__(self, *exc):
             entered.stream = None
 
-    real_cpu_copy = store.cpu_copy
+    real_cpu_copy = recording.cpu_copy
 
     def cpu_copy(state, reuse=None):
         if threading.current_thread().name == "run-writer":
@@ -335,7 +347,7 @@ def test_the_writer_thread_copies_the_state_on_the_training_threads_stream(cifar
 
     monkeypatch.setattr(recording, "trainer_stream", trainer_stream)
     monkeypatch.setattr(recording, "on_stream", OnStream)
-    monkeypatch.setattr(store, "cpu_copy", cpu_copy)
+    monkeypatch.setattr(recording, "cpu_copy", cpu_copy)
     assert train.main("cifar10", fault_args(cifar10_dir, tmp_path)) == 0
     assert copies and set(copies) == {("stream of", threading.main_thread().name)}
 
@@ -368,24 +380,24 @@ def test_log_txt_is_written_whole_once_then_appended_a_line_at_a_time(tmp_path, 
         whole_writes.append(path)
         real_write_text(path, text)
     monkeypatch.setattr(store, "write_text", write_text)
-    say = store.make_logger(True, tmp_path, ["old 1", "old 2"])
+    print_and_log = recording.make_print_and_log(True, tmp_path, ["old 1", "old 2"])
     log = tmp_path / declarations.LOG_FILE
     assert not log.exists()  # nothing before the first line: a refused run writes nothing
-    say("a")
+    print_and_log("a")
     inode = log.stat().st_ino
-    say("b")
-    say("c")
+    print_and_log("b")
+    print_and_log("c")
     assert log.read_text() == "old 1\nold 2\na\nb\nc\n"
     assert log.stat().st_ino == inode and whole_writes == [log]
     log.unlink()  # by hand, say: the next line puts every line back
-    say("d")
+    print_and_log("d")
     assert log.read_text() == "old 1\nold 2\na\nb\nc\nd\n"
 
 
 def test_an_append_that_fails_leaves_log_txt_whole_and_the_next_line_writes_it_all(tmp_path, monkeypatch):
-    say = store.make_logger(True, tmp_path, [])
+    print_and_log = recording.make_print_and_log(True, tmp_path, [])
     log = tmp_path / declarations.LOG_FILE
-    say("first")
+    print_and_log("first")
     real_write = os.write
 
     def write_then_fill(handle, data):  # a few bytes fit, then the disk is full
@@ -396,8 +408,8 @@ def test_an_append_that_fails_leaves_log_txt_whole_and_the_next_line_writes_it_a
     with monkeypatch.context() as patch:
         patch.setattr(store.os, "write", write_then_fill)
         with pytest.raises(store.WriteFailed) as failed:
-            say("second line")
+            print_and_log("second line")
     assert str(failed.value) == f"cannot write {log} ({NO_SPACE})"
     assert log.read_text() == "first\n"
-    say("third")
+    print_and_log("third")
     assert log.read_text() == "first\nsecond line\nthird\n"

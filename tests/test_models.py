@@ -16,7 +16,7 @@ from model import COURSE_MODELS, FAMILIES, MODELS, build_model, count_flops
 from model.coord_attention import CoordinateAttention
 from model.nonlocal_block import NonLocalBlock
 from model.resnet import SqueezeExcite
-from plot import FAMILY_COLORMAPS
+from reports.figures import FAMILY_COLORMAPS
 
 # The published parameter counts of each network with the CIFAR stem (one 3x3 conv, stride 1, no max
 # pool), as README's model table lists them, (10 classes, 100 classes): counted from the papers'

@@ -1,4 +1,5 @@
-"""plot.py: curves of one run, summaries of a dataset folder, and the command line over results/."""
+"""plot.py and the reports it writes (reports/figures.py, reports/folders.py): curves of one run, summaries of a
+dataset folder, and the command line over results/."""
 import csv
 import json
 import subprocess
@@ -11,7 +12,9 @@ import pytest
 
 import plot
 from conftest import message_lines
-from model import MODELS
+from model import MODEL_FAMILIES, MODELS
+from reports.figures import plot_confusion_matrix, plot_curves
+from reports.folders import summarize_dataset
 from runfolder.store import RunFileError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,7 +74,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_plot_curves_writes_a_png_of_the_documented_size_and_no_temp_files(tmp_path):
     run_dir = make_run(tmp_path / "cifar10", "cnn_resnet18")
 
-    path = plot.plot_curves(run_dir)
+    path = plot_curves(run_dir)
 
     assert path == run_dir / "curves.png"
     image = assert_png(path)
@@ -83,14 +86,14 @@ def test_plot_curves_writes_a_png_of_the_documented_size_and_no_temp_files(tmp_p
 def test_plot_curves_needs_only_metrics_csv_and_draws_a_single_epoch(tmp_path):
     run_dir = make_run(tmp_path / "cifar100", "cnn_base", epochs=1, finished=False,
                        with_config=False)
-    assert_png(plot.plot_curves(run_dir))
+    assert_png(plot_curves(run_dir))
 
 
 def test_plot_curves_reports_a_malformed_metrics_csv_by_path(tmp_path):
     run_dir = make_run(tmp_path / "cifar10", "cnn_base")
     (run_dir / "metrics.csv").write_text(METRICS_HEADER + "\n1,0.1,oops,0.1,2.0,0.1,0.5,3.0\n")
     with pytest.raises(RunFileError, match="metrics.csv.*train_loss"):
-        plot.plot_curves(run_dir)
+        plot_curves(run_dir)
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
@@ -101,7 +104,7 @@ def test_confusion_matrix_png_grows_with_the_class_count(tmp_path, num_classes):
     counts[1] = 0  # a class absent from the evaluated images must not divide by zero
     path = tmp_path / "confusion_matrix.png"
 
-    plot.plot_confusion_matrix(counts, [f"class{i}" for i in range(num_classes)], path, "test set")
+    plot_confusion_matrix(counts, [f"class{i}" for i in range(num_classes)], path, "test set")
 
     height, width = assert_png(path).shape[:2]
     assert min(height, width) >= (700 if num_classes == 10 else 2000)
@@ -112,7 +115,7 @@ def test_dataset_summary_rows_match_each_runs_files(tmp_path):
     runs = {model: make_run(dataset_dir, model, ceiling=ceiling, seed=seed)
             for seed, (model, ceiling) in enumerate([("cnn_resnet18", 0.85), ("cnn_base", 0.7)])}
 
-    returned = plot.summarize_dataset(dataset_dir)
+    returned = summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     for name in ("summary.md", "summary.csv", "comparison.png"):
         assert (dataset_dir / name).stat().st_size > 0
@@ -147,7 +150,7 @@ def test_tagged_runs_of_one_model_become_one_row_with_mean_std_and_count(tmp_pat
     seeds = [make_run(dataset_dir, "cnn_resnet18", tag=f"s{seed}", seed=seed) for seed in range(3)]
     make_run(dataset_dir, "cnn_base")
 
-    plot.summarize_dataset(dataset_dir)
+    summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     rows = {row["model"]: row for row in read_summary_csv(dataset_dir)}
     assert len(rows) == 2
@@ -176,7 +179,7 @@ def test_rows_follow_the_model_registry_order_and_unknown_models_go_last(tmp_pat
                   registry_order[0]]:
         make_run(dataset_dir, model)
 
-    rows = plot.summarize_dataset(dataset_dir)
+    rows = summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     assert [row["model"] for row in rows] == [registry_order[0], registry_order[3],
                                               registry_order[-1], "aaa_custom", "zzz_custom"]
@@ -189,7 +192,7 @@ def test_model_and_tag_come_from_the_folder_name_when_config_json_is_missing(tmp
         make_run(dataset_dir, "cnn_se_resnet18", tag=tag, with_config=False)
     make_run(dataset_dir, "my_own_net-v2", with_config=False)
 
-    rows = plot.summarize_dataset(dataset_dir)
+    rows = summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     assert [(row["model"], row["runs"]) for row in rows] == [("cnn_se_resnet18", 2),
                                                              ("my_own_net-v2", 1)]
@@ -200,7 +203,7 @@ def test_unfinished_runs_are_marked_and_have_no_test_accuracy(tmp_path):
     make_run(dataset_dir, "cnn_densenet121", epochs=12, planned_epochs=50, finished=False)
     make_run(dataset_dir, "cnn_base")
 
-    plot.summarize_dataset(dataset_dir)
+    summarize_dataset(dataset_dir, MODEL_FAMILIES)
 
     rows = {row["model"]: row for row in read_summary_csv(dataset_dir)}
     assert rows["cnn_densenet121"]["finished"] == "0"

@@ -17,8 +17,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import train
 from cifar.batches import BatchOptions, EvalBatches
 from model import build_model
-from runfolder import store
-from training import flags
+from training import flags, recording
 from training.evaluation import evaluate
 from training.optimization import make_optimization
 
@@ -134,7 +133,7 @@ def test_the_checkpoint_of_an_epoch_holds_its_last_weights_while_the_next_epoch_
             updated.set()
             raise KeyboardInterrupt
 
-    real_cpu_copy = store.cpu_copy
+    real_cpu_copy = recording.cpu_copy
 
     def held_back_cpu_copy(state, reuse=None):
         if threading.current_thread() is not threading.main_thread() and not held.is_set():
@@ -142,7 +141,7 @@ def test_the_checkpoint_of_an_epoch_holds_its_last_weights_while_the_next_epoch_
             updated.wait(timeout=2)
         return real_cpu_copy(state, reuse)
 
-    monkeypatch.setattr(store, "cpu_copy", held_back_cpu_copy)
+    monkeypatch.setattr(recording, "cpu_copy", held_back_cpu_copy)
     hook = register_optimizer_step_post_hook(after_update)  # every optimizer's: the run's is made inside
     try:
         argv = tiny_args(cifar10_dir, tmp_path, epochs=2, subset=subset)

@@ -16,20 +16,21 @@ import train
 from conftest import without_time
 from model import DEFAULT_LR, MODELS
 from runfolder import declarations, store
-from training import flags
+from training import flags, recording
 from training.optimization import make_optimization
+from training.rng_state import get_rng_state
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("keep_global_torch_settings")
 
 
-def training_of(recipe: flags.Recipe, steps_per_epoch: int, amp_dtype=None) -> train.Training:
+def training_of(recipe: flags.Recipe, steps_per_epoch: int, amp_dtype=None) -> train.NetworkAndOptimization:
     torch.manual_seed(recipe.seed)
     net = MODELS[recipe.model].build(10)
-    return train.Training(net, net, make_optimization(net, recipe, steps_per_epoch, CPU, amp_dtype), 0, 0)
+    return train.NetworkAndOptimization(net, net, make_optimization(net, recipe, steps_per_epoch, CPU, amp_dtype), 0, 0)
 
 
-def take_steps(training: train.Training, count: int) -> None:
+def take_steps(training: train.NetworkAndOptimization, count: int) -> None:
     generator = torch.Generator().manual_seed(1)
     for _ in range(count):
         images = torch.randn(8, 3, 32, 32, generator=generator)
@@ -45,7 +46,7 @@ def saved_state():
     source = training_of(recipe, steps_per_epoch=4, amp_dtype=torch.float16)
     take_steps(source, 4)
     source.optimization.scaler.update(new_scale=1024.0)  # as if some steps had overflowed
-    rng = store.get_rng_state(CPU)
+    rng = get_rng_state(CPU)
     draws = (torch.rand(3), np.random.rand(3), random.random())
     checkpoint = declarations.LastCheckpoint(
         config={"model": "cnn_base", "dataset": "cifar10"}, epoch=1, model=source.raw_net.state_dict(),
@@ -100,17 +101,17 @@ def test_the_copy_saved_each_epoch_is_written_into_the_last_epochs_copy_when_it_
     and dtype match, nested in dicts and lists alike; everything else as it is."""
     live = {"weight": torch.ones(3), "state": {0: {"momentum_buffer": torch.zeros(2)}}, "pair": [torch.ones(1)],
             "param_groups": [{"lr": 0.1, "params": [0]}]}
-    first = store.cpu_copy(live)
+    first = recording.cpu_copy(live)
     live["weight"].add_(1)
-    second = store.cpu_copy(live, first)
+    second = recording.cpu_copy(live, first)
     assert second["weight"] is first["weight"] and second["weight"] is not live["weight"]
     assert torch.equal(second["weight"], torch.full((3,), 2.0))
     assert second["state"][0]["momentum_buffer"] is first["state"][0]["momentum_buffer"]
     assert second["pair"][0] is first["pair"][0] and second["param_groups"] == live["param_groups"]
     live["weight"].add_(1)
     assert torch.equal(second["weight"], torch.full((3,), 2.0))  # a copy, not the live tensor
-    other_shape = store.cpu_copy(torch.ones(4), first["weight"])
-    other_dtype = store.cpu_copy(torch.ones(3, dtype=torch.float64), first["weight"])
+    other_shape = recording.cpu_copy(torch.ones(4), first["weight"])
+    other_dtype = recording.cpu_copy(torch.ones(3, dtype=torch.float64), first["weight"])
     assert other_shape is not first["weight"] and other_shape.shape == (4,)
     assert other_dtype is not first["weight"] and other_dtype.dtype == torch.float64
     assert torch.equal(first["weight"], torch.full((3,), 2.0))  # left alone by copies that do not fit

@@ -15,6 +15,7 @@ import torch
 import train
 from conftest import REPO_ROOT, message_lines, without_time, write_pickle
 from runfolder import declarations, store
+from training import recording
 
 EPOCH_LINE = re.compile(r"^Epoch (\d+)/(\d+), Train Loss: \d+\.\d{4}, Train Accuracy: \d\.\d{4}, "
                         r"Valid Loss: \d+\.\d{4}, Valid Accuracy: \d\.\d{4}, Time: \d+\.\d{2}s$")
@@ -158,11 +159,11 @@ def test_the_log_prints_each_line_at_once_and_rewrites_log_txt(tmp_path, monkeyp
     log.txt holds every line so far; a rank other than 0 says nothing."""
     flushed = []
     monkeypatch.setattr(sys.stdout, "flush", lambda: flushed.append(True))
-    say = store.make_logger(True, tmp_path, [])
-    say("a")
-    say("b")
+    print_and_log = recording.make_print_and_log(True, tmp_path, [])
+    print_and_log("a")
+    print_and_log("b")
     assert len(flushed) == 2 and (tmp_path / declarations.LOG_FILE).read_text() == "a\nb\n"
-    store.make_logger(False, tmp_path, [])("c")
+    recording.make_print_and_log(False, tmp_path, [])("c")
     assert len(flushed) == 2 and (tmp_path / declarations.LOG_FILE).read_text() == "a\nb\n"
 
 

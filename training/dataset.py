@@ -16,7 +16,9 @@ from training.processes import Processes, rank0_then_share
 
 
 @dataclass
-class Data:
+class RunData:
+    """The dataset as a run uses it: its training and validation batches, its test set and what they hold."""
+
     train_batches: TrainBatches
     val_batches: EvalBatches
     test_images: torch.Tensor
@@ -43,7 +45,7 @@ def eval_batch_size(batch_size: int, device: torch.device) -> int:
 
 
 def load_data(recipe: Recipe, load_dataset: Callable[[str], CifarData], data_dir: str, procs: Processes,
-              channels_last: bool) -> Data:
+              channels_last: bool) -> RunData:
     """The dataset on the device: subset, validation split and the batches the loop iterates."""
     data = rank0_then_share(procs, lambda: load_dataset(data_dir))  # rank 0 alone downloads, if needed
     if data is None:
@@ -69,5 +71,5 @@ def load_data(recipe: Recipe, load_dataset: Callable[[str], CifarData], data_dir
         val_batches = EvalBatches(val_images, val_labels, eval_batch, options)
     except ValueError as err:  # e.g. fewer images than processes
         raise UsageError(str(err)) from None
-    return Data(train_batches, val_batches, test_images, test_labels, options, validation, data.classes,
-                len(train_labels), len(val_labels), eval_batch)
+    return RunData(train_batches, val_batches, test_images, test_labels, options, validation, data.classes,
+                   len(train_labels), len(val_labels), eval_batch)

@@ -9,8 +9,10 @@ A flag's role is the class it is declared in:
   --resume. Saved in config.json.
 - Commands: what to do instead of training (--eval-only, --predict, --list-models, --summary) and their
   options. Not saved.
-Everything that depends on roles (resume's checks, config.json's keys, the report's settings, README's flag
-table) is derived from these classes, so a new flag is one field here plus the code that uses it.
+The namespace argparse makes goes no further than train.py's command(): command_line() types it by role, and
+train.resolve turns that into a run's RunConfig.
+Everything that depends on roles (resume's checks, config.json's keys, the report's settings, the flag
+table of docs/training.md) is derived from these classes, so a new flag is one field here plus the code that uses it.
 """
 from __future__ import annotations
 
@@ -174,6 +176,12 @@ class Settings:
                                     f"it); exit {IN_USE_EXIT} when another process holds the folder",
                              action="store_true", reported=False)
 
+    @property
+    def exit_code_if_in_use(self) -> int:
+        """The exit code of a run whose folder another process holds: its own under --auto-resume (a sweep skips
+        that run), a usage error's otherwise."""
+        return IN_USE_EXIT if self.auto_resume else USAGE_EXIT
+
 
 @dataclass(frozen=True, kw_only=True)
 class Commands:
@@ -199,7 +207,8 @@ ROLES = {"recipe": Recipe, "setting": Settings, "command": Commands}
 RECIPE_FLAGS = tuple(spec.name for spec in dataclasses.fields(Recipe))
 SETTING_FLAGS = tuple(spec.name for spec in dataclasses.fields(Settings))
 COMMAND_FLAGS = tuple(spec.name for spec in dataclasses.fields(Commands))
-# What the HTML report shows of a run's config.json, in this order.
+# What the HTML report shows of a run's config.json, in this order: runfolder/declarations.py's REPORTED_FLAGS, which
+# the reports read (they import no training code); tests/test_layers.py checks that the two agree.
 REPORTED_FLAGS = tuple(spec.name for role in (Recipe, Settings) for spec in dataclasses.fields(role)
                        if spec.metadata["reported"])
 
@@ -215,7 +224,9 @@ class OneLineParser(argparse.ArgumentParser):
         # No abbreviations: "--ep 100" would otherwise set --epochs without being seen as typed.
         super().__init__(*args, allow_abbrev=False, **kwargs)
         # argparse takes "-1e-4" and "-inf" for flags (only "-5" and "-0.5" for negative numbers), so
-        # the error would be "expected one argument" instead of quoting the bad value.
+        # the error would be "expected one argument" instead of quoting the bad value. argparse has no public
+        # way to say what a negative number looks like: tests/test_flags.py's "-1e-4" and "-inf" cases fail if a
+        # Python release stops reading this attribute.
         self._negative_number_matcher = re.compile(
             r"^-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
@@ -257,7 +268,7 @@ def option_strings(spec: dataclasses.Field) -> list[str]:
 
 
 def flag_table_markdown() -> str:
-    """README's flag table: every flag, its role and its --help text."""
+    """The flag table of docs/training.md: every flag, its role and its --help text."""
     lines = ["| flag | role | what it does |", "|---|---|---|"]
     for role, declared in ROLES.items():
         for spec in dataclasses.fields(declared):
@@ -268,7 +279,7 @@ def flag_table_markdown() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Checks between flags, and the frozen configuration
+# Checks between flags, the command line typed, and the frozen configuration
 
 
 def check_flags(args: argparse.Namespace, train_size: int) -> None:
@@ -314,9 +325,32 @@ def check_sizes(args: argparse.Namespace, train_size: int) -> None:
 
 
 @dataclass(frozen=True)
+class CommandLine:
+    """The command line typed by role, as parsed: the recipe flags as typed or defaulted (--recipe's defaults and
+    a resumed run's saved recipe are train.resolve's to apply), the settings, the commands, which flags were typed
+    and the command line's text."""
+
+    dataset: str
+    recipe: Recipe
+    settings: Settings
+    commands: Commands
+    given: frozenset[str]  # flags_given's names
+    text: str  # "main_<dataset>.py" and the arguments, as config.json's command records it
+
+
+def command_line(args: argparse.Namespace, dataset: str, argv: list[str]) -> CommandLine:
+    """The namespace argparse made of argv, typed by role."""
+    def role_of(declared: type):
+        return declared(**{spec.name: getattr(args, spec.name) for spec in dataclasses.fields(declared)})
+    return CommandLine(dataset, role_of(Recipe), role_of(Settings), role_of(Commands), frozenset(flags_given(argv)),
+                       " ".join([f"main_{dataset}.py", *argv]))
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """A training run's flags, resolved once: the recipe (on --resume the saved run's, with --lr's default
-    filled in from the model), the settings as typed, the dataset and the command line."""
+    """A training run's flags, resolved once (train.resolve): the recipe (on --resume the saved run's, with --lr's
+    default filled in from the model), the settings as typed (with --resume set by --auto-resume when the folder
+    holds a last.pt), the dataset and the command line."""
 
     recipe: Recipe
     settings: Settings
@@ -364,7 +398,3 @@ def with_default_lr(recipe: Recipe) -> Recipe:
     if recipe.lr is not None:
         return recipe
     return dataclasses.replace(recipe, lr=MODELS[recipe.model].lr)
-
-
-def settings_of(args: argparse.Namespace) -> Settings:
-    return Settings(**{name: getattr(args, name) for name in SETTING_FLAGS})

@@ -7,12 +7,17 @@ from __future__ import annotations
 import datetime
 import gc
 import os
-import sys
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+# Imported before any process group starts, never after: its collectives take `group=group.WORLD` as a default,
+# bound when the module is first imported, which is None now; imported after init_process_group (DDP imports
+# torch._dynamo, which imports it), the default would be the group itself and keep it, and gloo's threads, alive
+# until the interpreter exits (see end_processes). tests/test_cuda_paths.py checks that the group is freed.
+import torch.distributed.nn.functional
 
 from core.errors import ProjectError, RunFailed, UsageError
 from training.devices import pick_device, set_up_backends
@@ -68,21 +73,11 @@ def end_processes() -> None:
     """Leave the process group so that its threads end here, not at interpreter exit: gloo's worker threads
     still running while Python finalizes can abort the process ("terminate called without an active
     exception", pytorch/pytorch#179291), and destroy_process_group joins them only once nothing holds the
-    group any more."""
+    group any more (torch.distributed.nn.functional's defaults do not: imported above, before the group)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    group = dist.group.WORLD
     gc.collect()  # whatever reference cycles still hold (a DDP reducer on an error path) goes while the group is up
     dist.destroy_process_group()
-    # torch.distributed.nn.functional, when first imported after init_process_group (DDP imports torch._dynamo,
-    # which imports it), took the group as its collectives' default `group=group.WORLD`, which would keep it,
-    # and gloo's threads, alive until exit: give them back the default they get when imported before.
-    functional = sys.modules.get("torch.distributed.nn.functional")
-    for function in vars(functional).values() if functional is not None else ():
-        defaults = getattr(function, "__defaults__", None)
-        if defaults and any(value is group for value in defaults):
-            function.__defaults__ = tuple(None if value is group else value for value in defaults)
-    del group  # the last reference: the group is freed and its threads joined now
 
 
 def rank0_then_share(procs: Processes, attempt: Callable[[], Result]) -> Result | None:

@@ -1,14 +1,12 @@
-"""How a run stops and starts again: SIGTERM stops it now, as Ctrl-C does (exit 143); SIGUSR1 lets the epoch
-being trained finish and be saved, then stops it (exit 75: "stop for now, resume later"); and --auto-resume
-makes one command start a run, resume it or say it finished, whichever its folder calls for, so that a sweep
-or a batch job can run it again after anything.
+"""How a run stops: SIGTERM stops it now, as Ctrl-C does (exit 143); SIGUSR1 lets the epoch being trained finish
+and be saved, then stops it (exit 75: "stop for now, resume later"); and the one line a stopped run prints. (How
+it starts again, --resume or --auto-resume, is resolved with the command line: train.resolve.)
 
-train.py calls these at its few points: around the command, before the run folder is checked, and at the end
-of every epoch. Under torchrun the ranks agree at the end of every epoch, so all stop after the same one.
+train.py calls these at its few points: around the command, at the end of every epoch, and where a stopped run
+ends. Under torchrun the ranks agree at the end of every epoch, so all stop after the same one.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import signal
 import threading
@@ -18,9 +16,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from core.errors import IN_USE_EXIT, INTERRUPTED_EXIT, USAGE_EXIT, StopForNow, Terminated
-from runfolder import store
-from runfolder.declarations import LAST_CHECKPOINT
+from core.errors import INTERRUPTED_EXIT, StopForNow, Terminated
 from training.processes import Processes
 from training.recording import Output
 
@@ -66,7 +62,7 @@ def stop_if_asked(procs: Processes, output: Output, epoch: int, epochs: int) -> 
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         asked = bool(flag.item())
     if asked:
-        failure = output.settle()
+        failure = output.wait_returning_error()
         if failure is not None:
             raise failure
         raise StopForNow()
@@ -82,19 +78,3 @@ def stopped_line(stop: KeyboardInterrupt, folder: Path, saved: int, auto_resume:
 def exit_code_of(stop: KeyboardInterrupt) -> int:
     """130 for Ctrl-C, 143 for SIGTERM, 75 for SIGUSR1."""
     return getattr(stop, "exit_code", INTERRUPTED_EXIT)
-
-
-def in_use_exit(flags) -> int:
-    """The exit code of a run whose folder another process holds: its own under --auto-resume (a sweep
-    skips that run), a usage error otherwise."""
-    return IN_USE_EXIT if flags.auto_resume else USAGE_EXIT
-
-
-def auto_resume(args: argparse.Namespace, dataset: str) -> argparse.Namespace:
-    """--auto-resume: --resume when the run's folder holds a last.pt, a fresh start when it does not. A
-    finished run then says so and exits 0; a recipe that differs from the saved one is refused as --resume
-    refuses it."""
-    if not args.auto_resume:
-        return args
-    run_dir = store.run_folder(args.results_dir, dataset, args.model, args.tag)
-    return argparse.Namespace(**{**vars(args), "resume": (run_dir / LAST_CHECKPOINT).exists()})
