@@ -5,6 +5,7 @@ summary.json) or running (a process holds its folder).
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import io
@@ -91,13 +92,16 @@ def parse_sets(sets: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def set_flag(dataset: str, key: str, value: str, train_size: int) -> list[str]:
-    """One --set value as main_<dataset>.py flags: on/off for an on/off flag, else `--key value`, checked by
-    the flag's own type and choices."""
+    """One --set value as main_<dataset>.py flags: on/off for an on/off flag (`--key` or nothing, or `--key` and
+    `--no-key` for a flag that has both), else `--key value`, checked by the flag's own type and choices."""
     spec = next(spec for spec in dataclasses.fields(flags.Recipe) if spec.name == key)
-    if spec.metadata["argparse"].get("action") == "store_true":
+    action = spec.metadata["argparse"].get("action")
+    if action in ("store_true", argparse.BooleanOptionalAction):
         if value not in ("on", "off"):
             raise UsageError(f"--set {key}={value}: {flags.option(key)} takes on or off")
-        return [flags.option(key)] if value == "on" else []
+        if value == "on":
+            return [flags.option(key)]
+        return ["--no-" + flags.option(key).removeprefix("--")] if action is argparse.BooleanOptionalAction else []
     parse_run_flags(dataset, [flags.option(key), value], f"--set {key}={value}", train_size)
     return [flags.option(key), value]
 

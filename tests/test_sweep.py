@@ -159,6 +159,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     assert not (tmp_path / "r").exists()
 
 
+def test_on_off_values_of_set_give_each_run_its_flag(tmp_path, capsys):
+    argv = ["--name", "onoff", "--set", "nesterov=on,off", "--set", "sync_bn=off,on", "--dry-run", "--",
+            "--results-dir", str(tmp_path)]
+    assert sweep.main(argv) == 0
+    plan = [line for line in capsys.readouterr().out.splitlines() if "main_cifar10.py" in line]
+    expected = [("--nesterov", ""), ("--nesterov", "--sync-bn"), ("--no-nesterov", ""), ("--no-nesterov", "--sync-bn")]
+    assert len(plan) == 4
+    for line, (nesterov, sync_bn) in zip(plan, expected):
+        assert f" {nesterov} " in line and (sync_bn in line if sync_bn else "--sync-bn" not in line), line
+
+
 def test_slurm_writes_an_array_over_the_plan_and_a_changed_plan_is_refused(tmp_path, capsys):
     argv = ["--name", "cluster", "--models", "cnn_base", "cnn_resnet18", "--seeds", "0", "1", "--slurm",
             "--max-parallel", "2", "--gpus-per-run", "0", "--time", "1:00:00", "--no-submit", "--",
