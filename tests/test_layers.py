@@ -26,7 +26,7 @@ LAYERS = {
     "reports": {"core", "runfolder"},  # summaries, figures and HTML pages, from run folders alone
     "training": {"core", "cifar", "runfolder", "model", "reports"},  # the training loop's parts
     "serving": {"core", "cifar", "runfolder", "model", "reports", "training"},  # trained networks and predictions
-    "sweeps": {"core", "runfolder", "reports", "training"},  # many runs: the Slurm array
+    "sweeps": {"core", "runfolder", "reports", "training"},  # many runs: plan, workers, status, SLURM arrays
 }
 # Packages whose modules import no torch at their top: plot.py imports them (and model's registry) only.
 TORCH_FREE_AT_IMPORT = ("core", "runfolder", "reports")
