@@ -2,9 +2,10 @@
 # The checks to run when a session is lent a GPU, as two calls of the device tool on one warm machine: on a fresh
 # machine that has only the working tree and the CIFAR-10 archive carried in the git-ignored folder .gpu/.
 #
-#   mkdir -p .gpu && cp ../shared/data/cifar10-jpeg.tar.xz ../shared/data/make_cifar10.py .gpu/   # here, once
-#   PART=speed bash bench/gpu_session.sh data                 # there: call 1, carry [".gpu"], timeout_s 600
-#   PART=accuracy COMPILE=0|1 bash bench/gpu_session.sh data  # there: call 2, at once (idle 30 s: machine gone)
+#   mkdir -p .gpu && cp /path/to/cifar-10-python.tar.gz .gpu/  # here, once: the official archive (or a
+#       make_cifar10.py with the JPEG archive it builds cifar-10-batches-py from, as this workplace has)
+#   PART=speed bash bench/gpu_session.sh data                 # there: call 1, carry [".gpu"], timeout_s 330
+#   PART=accuracy COMPILE=0|1 bash bench/gpu_session.sh data  # there: call 2 at once, timeout_s 440 (idle 30 s: gone)
 #   PLAN_ONLY=1 PART=... bash bench/gpu_session.sh            # anywhere: the limits, the worst case, the decision
 #
 # The budget. A session has 15 minutes of device time: a machine start (1-2 min), then the two calls back to back
