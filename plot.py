@@ -3,6 +3,7 @@
     python plot.py results/cifar10/cnn_resnet18   # redraw one run's curves.png
     python plot.py results/cifar10                # summary.md, summary.csv, comparison.png
     python plot.py results                        # the same for every dataset folder
+    python plot.py results --baseline cnn_resnet18  # comparisons of models: each against cnn_resnet18 only
 
 Also writes the HTML pages of a dataset folder and of the results root (reports/pages.py). This is the command
 alone: the figures are reports/figures.py's, the files of a dataset folder and of the results root
@@ -32,22 +33,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path,
                         help="a run folder (results/cifar10/cnn_resnet18), a dataset folder "
                              "(results/cifar10) or the results root (results)")
+    parser.add_argument("--baseline", metavar="MODEL",
+                        help="compare each model's test accuracy with this model's only (default: every pair of "
+                             "models with two seeds or more each)")
     args = parser.parse_args(argv)
-    return run_command(lambda: plot_path(args.path))
+    return run_command(lambda: plot_path(args.path, args.baseline))
 
 
-def plot_path(path: Path) -> int:
-    """What `python plot.py PATH` does for a run folder, a dataset folder or the results root."""
+def plot_path(path: Path, baseline: str | None = None) -> int:
+    """What `python plot.py PATH [--baseline MODEL]` does for a run folder, a dataset folder or the results root."""
     if not path.is_dir():
         raise PlotError(f"{path}: no such folder; give a run folder, a dataset folder or the results root")
+    if baseline is not None and baseline not in MODEL_FAMILIES:
+        raise PlotError(f"--baseline {baseline}: no such model; python main_cifar10.py --list-models names them")
     try:
         if (path / METRICS_FILE).is_file():
             print(plot_curves(path))
         elif has_runs(path):
-            summarize_dataset(path, MODEL_FAMILIES)
+            summarize_dataset(path, MODEL_FAMILIES, baseline=baseline)
             print(path / SUMMARY_MD_FILE)
         else:
-            print(summarize_results(path, MODEL_FAMILIES))
+            print(summarize_results(path, MODEL_FAMILIES, baseline))
     except store.WriteFailed as err:
         raise RunFailed(f"{err}; the files written before are complete; free space and run it again") from None
     return 0

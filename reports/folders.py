@@ -25,10 +25,12 @@ def has_runs(folder: Path) -> bool:
     return any((child / METRICS_FILE).is_file() for child in folder.iterdir() if child.is_dir())
 
 
-def summarize_dataset(dataset_dir: str | Path, families: dict[str, str], index_link: bool | None = None) -> list[dict]:
+def summarize_dataset(dataset_dir: str | Path, families: dict[str, str], index_link: bool | None = None,
+                      baseline: str | None = None) -> list[dict]:
     """Write summary.md, summary.csv, comparison.png and the HTML page index.html into a dataset
     folder; returns the rows (summary.csv's columns). families: model.MODEL_FAMILIES. index_link: whether
-    the page links up to the results root's index.html (None: if that exists).
+    the page links up to the results root's index.html (None: if that exists). baseline: the model the
+    comparisons of summary.md and the page are limited to (None: every pair of models).
 
     Folders without a usable metrics.csv are reported on stderr and left out; PlotError if no run
     is left.
@@ -40,13 +42,13 @@ def summarize_dataset(dataset_dir: str | Path, families: dict[str, str], index_l
         raise PlotError(f"{dataset_dir}: no run folder with a usable metrics.csv")
     rows = group_runs(records, model_names)
     store.write_text(dataset_dir / SUMMARY_CSV_FILE, summary_csv(rows))
-    store.write_text(dataset_dir / SUMMARY_MD_FILE, summary_markdown(dataset_dir.name, rows))
+    store.write_text(dataset_dir / SUMMARY_MD_FILE, summary_markdown(dataset_dir.name, rows, baseline))
     plot_comparison(dataset_dir.name, rows, dataset_dir / COMPARISON_FILE, families)
-    pages.write_dataset_page(dataset_dir, rows, index_link)
+    pages.write_dataset_page(dataset_dir, rows, index_link, baseline)
     return [{column: row[column] for column in SUMMARY_CSV_COLUMNS} for row in rows]
 
 
-def summarize_results(path: Path, families: dict[str, str]) -> Path:
+def summarize_results(path: Path, families: dict[str, str], baseline: str | None = None) -> Path:
     """Every dataset folder of a results root, then the root's index.html; its path."""
     dataset_dirs = sorted(child for child in path.iterdir() if child.is_dir() and has_runs(child))
     if not dataset_dirs:
@@ -55,7 +57,8 @@ def summarize_results(path: Path, families: dict[str, str]) -> Path:
     summaries = {}
     for dataset_dir in dataset_dirs:
         try:
-            summaries[dataset_dir] = summarize_dataset(dataset_dir, families, index_link=True)
+            summaries[dataset_dir] = summarize_dataset(dataset_dir, families, index_link=True,
+                                                       baseline=baseline)
             print(dataset_dir / SUMMARY_MD_FILE)
         except PlotError as err:
             store.warn(str(err))

@@ -20,7 +20,15 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
-from reports.summary import pretty_dataset, table_columns, table_notes
+from reports.summary import (
+    COMPARISON_HEADERS,
+    comparison_notes,
+    model_comparisons,
+    no_comparisons_line,
+    pretty_dataset,
+    table_columns,
+    table_notes,
+)
 from runfolder import store
 from runfolder.declarations import (
     COMPARISON_FILE,
@@ -49,7 +57,7 @@ table { border-collapse: collapse; margin: 0.5em 0 1em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; vertical-align: top; }
 th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
 table.sortable th { cursor: pointer; } tbody tr:nth-child(even) { background: #fafafa; }
-.scroll { overflow-x: auto; } #summary td { white-space: nowrap; }
+.scroll { overflow-x: auto; } #summary td, #comparisons td { white-space: nowrap; }
 #summary td:nth-child(-n+2) { white-space: normal; min-width: 8em; }
 th[aria-sort=ascending]::after { content: " \\25b2"; }
 th[aria-sort=descending]::after { content: " \\25bc"; }
@@ -233,10 +241,28 @@ def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:
 # Pages
 
 
-def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | None = None) -> Path:
+def _comparisons(rows: list[dict], baseline: str | None) -> list[str]:
+    """summary.md's comparisons of models as a section of the page, or nothing when no row has two runs."""
+    differences = model_comparisons(rows, baseline)
+    if differences is None:
+        return []
+    if not differences:
+        table = f"<p>{_markdown_text(no_comparisons_line(baseline))}</p>"
+    else:
+        headers = "".join(f'<th scope="col">{escape(header)}</th>' for header in COMPARISON_HEADERS)
+        body = "".join(f"<tr><td>{escape(difference.sentence())}</td><td>{escape(difference.test_text())}</td></tr>"
+                       for difference in differences)
+        table = (f'<div class="scroll"><table id="comparisons"><thead><tr>{headers}</tr></thead>'
+                 f"<tbody>{body}</tbody></table></div>")
+    return ["<h2>Comparisons</h2>", table, _markdown_notes(comparison_notes(baseline))]
+
+
+def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | None = None,
+                       baseline: str | None = None) -> Path:
     """Write <dataset_dir>/index.html from summary.group_runs' rows; returns its path.
 
-    index_link: link back to ../index.html; None links it when that file exists already.
+    index_link: link back to ../index.html; None links it when that file exists already. baseline: the model the
+    comparisons are limited to (plot.py's --baseline), None for every pair.
     """
     dataset_dir = Path(dataset_dir)
     title = f"{pretty_dataset(dataset_dir.name)} results"
@@ -250,7 +276,8 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
             f"<p>{_runs_of_models(rows)}. Click a column header to sort."
             + (f" The same table as {', '.join(files)}." if files else "") + "</p>",
             _summary_table(rows, run_ids),
-            _summary_notes(rows),
+            _markdown_notes(table_notes(rows)),
+            *_comparisons(rows, baseline),
             _image(dataset_dir / COMPARISON_FILE, COMPARISON_FILE, "comparison of the models",
                    "no comparison.png"),
             "<h2>Runs</h2>"]
@@ -261,9 +288,14 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
     return path
 
 
-def _summary_notes(rows: list[dict]) -> str:
+def _markdown_text(text: str) -> str:
+    """A line of summary.md as HTML: escaped, its `code` as <code>."""
+    return re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(text))
+
+
+def _markdown_notes(markdown_notes: list[str]) -> str:
     """summary.md's footnotes, with their `code` as <code>."""
-    notes = [re.sub(r"`([^`]*)`", r"<code>\1</code>", escape(note)) for note in table_notes(rows)]
+    notes = [_markdown_text(note) for note in markdown_notes]
     return "<ul>" + "".join(f"<li>{note}</li>" for note in notes) + "</ul>"
 
 

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from core import course
+from reports import statistics
 from runfolder import store
 from runfolder.declarations import (
     CONFIG_FILE,
@@ -37,6 +38,8 @@ SUMMARY_CSV_COLUMNS = (
     + tuple(column for field in AVERAGED_FIELDS for column in (field, f"{field}_std"))
     # The recipe (--recipe), and the course report's valid accuracy for a row of the course recipe (else empty).
     + ("recipe", "course_report_valid_acc")
+    # The 95% confidence interval of the mean final test accuracy (Student's t), for a row of two runs or more.
+    + ("final_test_acc_ci95_low", "final_test_acc_ci95_high")
 )
 
 
@@ -90,6 +93,7 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "best_epoch": int(metrics["epoch"][best_index]),
         "test_acc": as_number(summary.test_acc) if summary else None,
         "final_test_acc": as_number(summary.final_test_acc) if summary else None,
+        "seed": _whole_number(config.get("seed")),
         "train_loss": float(metrics["train_loss"][-1]),
         "val_loss": float(metrics["val_loss"][-1]),
         "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
@@ -178,6 +182,9 @@ def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
             row[field] = float(np.mean(values)) if values else None
             # Sample standard deviation (ddof=1): the runs are a sample of what the recipe gives.
             row[f"{field}_std"] = float(np.std(values, ddof=1)) if len(values) >= 2 else None
+        interval = statistics.mean_interval([run["final_test_acc"] for run in members
+                                             if run["final_test_acc"] is not None])
+        row["final_test_acc_ci95_low"], row["final_test_acc_ci95_high"] = interval or (None, None)
         rows.append(row)
     return rows
 
@@ -261,6 +268,13 @@ def _percent_of(name: str) -> Callable[[dict], str]:
     return lambda row: _mean_std(row, name, 100, unit="%")
 
 
+def _final_test_cell(row: dict) -> str:
+    """Mean ± std of the final test accuracy, and its 95% interval where the row has one."""
+    low, high = row["final_test_acc_ci95_low"], row["final_test_acc_ci95_high"]
+    interval = "" if low is None else f" (CI {100 * low:.2f}–{100 * high:.2f})"
+    return _mean_std(row, "final_test_acc", 100, unit="%") + interval
+
+
 TABLE_COLUMNS = (
     TableColumn("model", run_label, None),
     TableColumn("runs", _runs_cell, "runs"),
@@ -270,7 +284,7 @@ TABLE_COLUMNS = (
     TableColumn("train acc", _percent_of("train_acc"), "train_acc"),
     TableColumn("best valid acc (epoch)", _best_cell, "best_val_acc"),
     TableColumn("test acc", _percent_of("test_acc"), "test_acc"),
-    TableColumn("final test acc", _percent_of("final_test_acc"), "final_test_acc"),
+    TableColumn("final test acc", _final_test_cell, "final_test_acc"),
     TableColumn("train loss", lambda row: _mean_std(row, "train_loss", digits=4), "train_loss"),
     TableColumn("valid loss", lambda row: _mean_std(row, "val_loss", digits=4), "val_loss"),
     TableColumn("s/epoch", lambda row: _mean_std(row, "seconds_per_epoch", digits=1), "seconds_per_epoch"),
@@ -300,6 +314,10 @@ def table_notes(rows: list[dict]) -> list[str]:
         "Rows with several runs (e.g. seeds given as `--tag`) show mean \u00b1 sample standard "
         "deviation (ddof=1) over the runs; a row of one run shows no \u00b1.",
     ]
+    if any(row["final_test_acc_ci95_low"] is not None for row in rows):
+        notes.append("CI: the 95% confidence interval of the mean final test accuracy over the row's runs "
+                     "(Student's t, n - 1 degrees of freedom); a row of one run has none and takes part in no "
+                     "comparison of models.")
     if any("test" in row["validation"] for row in rows):
         notes.append("Some runs validate on the test set (`validation: test` in config.json): "
                      "their best valid accuracy was picked on the test set, so it is optimistic.")
@@ -315,7 +333,42 @@ def table_notes(rows: list[dict]) -> list[str]:
     return notes
 
 
-def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
+def model_comparisons(rows: list[dict], baseline: str | None = None) -> list[statistics.Difference] | None:
+    """The pairwise comparisons of the rows' models (statistics.comparisons), or None when no row has two runs or
+    more (then there is no comparison section at all)."""
+    if not any(statistics.has_seeds(row) for row in rows):
+        return None
+    return statistics.comparisons(rows, run_label, baseline)
+
+
+COMPARISON_HEADERS = ("comparison (final test acc)", "test")
+
+
+def comparison_notes(baseline: str | None = None) -> list[str]:
+    """The footnotes under the comparisons, in Markdown (`code` only)."""
+    against = f"each model against `--baseline {baseline}`" if baseline else "every pair of models"
+    return [f"The difference in mean final test accuracy, {against}, where both have two finished runs or more "
+            "of the same recipe and epoch count, with its 95% confidence interval: paired by seed when both ran "
+            "the same seeds (the same seed gives the same split and batch order), Welch's otherwise. Within seed "
+            "noise: the interval contains 0."]
+
+
+def no_comparisons_line(baseline: str | None = None) -> str:
+    """What the comparisons section says when no pair qualifies, in Markdown (`code` only)."""
+    return ("No two models have two finished runs or more each of one recipe and epoch count"
+            + (f", with `--baseline {baseline}` one of them." if baseline else "."))
+
+
+def comparisons_markdown(differences: list[statistics.Difference], baseline: str | None = None) -> list[str]:
+    if not differences:
+        lines = [no_comparisons_line(baseline)]
+    else:
+        lines = ["| " + " | ".join(COMPARISON_HEADERS) + " |", "|---|---|",
+                 *(f"| {difference.sentence()} | {difference.test_text()} |" for difference in differences)]
+    return ["", "## Comparisons", "", *lines, "", *(f"- {note}" for note in comparison_notes(baseline))]
+
+
+def summary_markdown(dataset_name: str, rows: list[dict], baseline: str | None = None) -> str:
     columns = table_columns(rows)
     lines = [
         f"# {pretty_dataset(dataset_name)} results",
@@ -326,4 +379,7 @@ def summary_markdown(dataset_name: str, rows: list[dict]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(column.text(row) for column in columns) + " |")
     lines += ["", *(f"- {note}" for note in table_notes(rows))]
+    differences = model_comparisons(rows, baseline)
+    if differences is not None:
+        lines += comparisons_markdown(differences, baseline)
     return "\n".join(lines) + "\n"

@@ -119,12 +119,27 @@ def test_the_report_shows_the_flags_training_declares_as_reported():
     assert declarations.REPORTED_FLAGS == flags.REPORTED_FLAGS
 
 
+NO_TORCH = """import sys
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+
+sys.meta_path.insert(0, NoTorch())
+"""
+
+
 @pytest.fixture
 def without_torch(tmp_path, monkeypatch):
     """Python processes started from here on where `import torch` fails, as where torch is not installed."""
     folder = tmp_path / "no_torch"
     folder.mkdir()
-    (folder / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch: ImportError\n")
+    # A finder that refuses torch, as an absent package is refused: ModuleNotFoundError, and nothing in sys.modules
+    # (a None there would also trip scipy, which looks for a torch module in sys.modules to recognise its tensors).
+    (folder / "sitecustomize.py").write_text(NO_TORCH)
     monkeypatch.setenv("PYTHONPATH", str(folder))
     return folder
 
