@@ -197,6 +197,37 @@ def _results_lines(run: dict, summary: Summary | None) -> str:
     return "<ul>" + "".join(f"<li>{escape(item)}</li>" for item in items) + "</ul>"
 
 
+def reliability_diagram(evaluation: Evaluation) -> str:
+    """eval.json's calibration as an inline SVG: per bin of top-1 confidence a bar of its accuracy, against the
+    diagonal of perfect calibration; the ECE above it. Empty where the file has no calibration (older runs)."""
+    ece, bins = as_number(evaluation.ece), evaluation.calibration_bins
+    if ece is None or not isinstance(bins, list) or not bins:
+        return ""
+    size, pad = 200, 24
+    bars = []
+    for item in bins:
+        low, high = (as_number(item.get(key)) if isinstance(item, dict) else None for key in ("low", "high"))
+        accuracy = as_number(item.get("accuracy")) if isinstance(item, dict) else None
+        if low is None or high is None or accuracy is None:
+            continue
+        x, width, height = pad + low * size, (high - low) * size, accuracy * size
+        title = (f"confidence {low:.3f}\u2013{high:.3f}: accuracy {100 * accuracy:.1f}%, "
+                 f"{item.get('count')} images")
+        bars.append(f'<rect x="{x:.1f}" y="{pad + size - height:.1f}" width="{width:.1f}" height="{height:.1f}" '
+                    f'fill="#4c78a8" stroke="white"><title>{escape(title)}</title></rect>')
+    side = size + 2 * pad
+    return (f'<figure><svg xmlns="http://www.w3.org/2000/svg" width="{side}" height="{side}" '
+            f'role="img" aria-label="reliability diagram">'
+            f'<rect x="{pad}" y="{pad}" width="{size}" height="{size}" fill="none" stroke="#888"/>'
+            + "".join(bars)
+            + f'<line x1="{pad}" y1="{pad + size}" x2="{pad + size}" y2="{pad}" stroke="#d62728" '
+            'stroke-dasharray="4 3"/>'
+            f'<text x="{pad}" y="{pad - 8}" font-size="11">accuracy per confidence bin</text>'
+            f'<text x="{pad}" y="{side - 6}" font-size="11">top-1 confidence 0\u20131</text></svg>'
+            f"<figcaption>{escape(f'reliability diagram, ECE ({len(bins)} bins) {ece:.4f}')}"
+            "</figcaption></figure>")
+
+
 def _evaluation(run_dir: Path, name: str) -> str:
     evaluation = store.read_record(run_dir / EVAL_FILE, Evaluation)
     if evaluation is None:
@@ -208,14 +239,15 @@ def _evaluation(run_dir: Path, name: str) -> str:
             + (f", {evaluation.images} images" if evaluation.images is not None else ""))
     parts = [f"<p>{escape(line)}</p>",
              _image(run_dir / CONFUSION_FILE, f"{name}/{CONFUSION_FILE}",
-                    f"confusion matrix of {name}", "no confusion_matrix.png")]
+                    f"confusion matrix of {name}", "no confusion_matrix.png"),
+             reliability_diagram(evaluation)]
     per_class = evaluation.per_class
     if isinstance(per_class, dict) and per_class:
         rows = "".join(f"<tr><td>{escape(str(class_name))}</td><td>{_percent(accuracy)}</td></tr>"
                        for class_name, accuracy in per_class.items())
         parts.append("<details><summary>accuracy per class</summary><table><thead><tr><th>class"
                      f"</th><th>top-1</th></tr></thead><tbody>{rows}</tbody></table></details>")
-    return "\n".join(parts)
+    return "\n".join(part for part in parts if part)
 
 
 def run_section(dataset_dir: Path, run: dict, run_id: str) -> str:

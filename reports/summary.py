@@ -20,8 +20,10 @@ from reports import statistics
 from runfolder import store
 from runfolder.declarations import (
     CONFIG_FILE,
+    EVAL_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
+    Evaluation,
     RunFacts,
     RunFileError,
     Summary,
@@ -40,6 +42,8 @@ SUMMARY_CSV_COLUMNS = (
     + ("recipe", "course_report_valid_acc")
     # The 95% confidence interval of the mean final test accuracy (Student's t), for a row of two runs or more.
     + ("final_test_acc_ci95_low", "final_test_acc_ci95_high")
+    # The expected calibration error of --eval-only's eval.json (mean, std over the runs that have one).
+    + ("ece", "ece_std")
 )
 
 
@@ -68,6 +72,7 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
     config = store.read_json(run_dir / CONFIG_FILE) or {}
     summary = store.read_record(run_dir / SUMMARY_FILE, Summary)
     facts = RunFacts.from_dict(config, run_dir / CONFIG_FILE, partial=True)
+    evaluation = store.read_record(run_dir / EVAL_FILE, Evaluation)
     model, tag = split_run_name(run_dir.name, model_names)
     if "model" in config:
         model, tag = str(config["model"]), config.get("tag")
@@ -97,6 +102,7 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "train_loss": float(metrics["train_loss"][-1]),
         "val_loss": float(metrics["val_loss"][-1]),
         "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
+        "ece": as_number(evaluation.ece) if evaluation else None,  # None: not evaluated, or before calibration
         "metrics": metrics,
     }
 
@@ -177,7 +183,7 @@ def group_runs(records: list[dict], model_names: list[str]) -> list[dict]:
             "course_report_valid_acc": members[0]["course_report_valid_acc"],
             "members": members,
         }
-        for field in AVERAGED_FIELDS:
+        for field in (*AVERAGED_FIELDS, "ece"):
             values = [run[field] for run in members if run[field] is not None]
             row[field] = float(np.mean(values)) if values else None
             # Sample standard deviation (ddof=1): the runs are a sample of what the recipe gives.
@@ -288,6 +294,7 @@ TABLE_COLUMNS = (
     TableColumn("train loss", lambda row: _mean_std(row, "train_loss", digits=4), "train_loss"),
     TableColumn("valid loss", lambda row: _mean_std(row, "val_loss", digits=4), "val_loss"),
     TableColumn("s/epoch", lambda row: _mean_std(row, "seconds_per_epoch", digits=1), "seconds_per_epoch"),
+    TableColumn("ECE", lambda row: _mean_std(row, "ece", digits=4), "ece"),
 )
 # Shown only when a row has a figure of the course report: runs of the course recipe.
 COURSE_COLUMN = TableColumn(

@@ -257,6 +257,8 @@ class Evaluation(Record):
     images: int
     per_class: dict[str, float]
     confusion_matrix: list[list[int]]
+    ece: float | None = None  # added with calibration; None: evaluated before it
+    calibration_bins: list[dict] | None = None  # each {"low", "high", "count", "accuracy", "confidence"}
 
 
 @dataclass(frozen=True, kw_only=True)

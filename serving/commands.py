@@ -19,7 +19,7 @@ from runfolder import declarations, lock, store
 from runfolder.declarations import CONFUSION_FILE, EVAL_FILE, Evaluation
 from serving import trained_net
 from training.devices import pick_device, resolve_amp
-from training.evaluation import EvalResult, evaluate
+from training.evaluation import CALIBRATION_BINS, EvalResult, calibration, evaluate
 from training.flags import CommandLine
 
 
@@ -45,12 +45,14 @@ def evaluate_checkpoint(line: CommandLine, load_dataset: Callable[..., CifarData
     data = load_dataset(settings.data_dir)
     mean, std = trained.statistics
     batches = EvalBatches(data.test_images, data.test_labels, 500, BatchOptions(mean, std, device))
-    totals, confusion = evaluate(net, batches, amp_dtype, tta=tta, num_classes=num_classes)
-    result, confusion = EvalResult.from_totals(totals), confusion.cpu()
+    totals, confusion, bin_sums = evaluate(net, batches, amp_dtype, tta=tta, num_classes=num_classes,
+                                           calibrate=True)
+    result, confusion, calibrated = EvalResult.from_totals(totals), confusion.cpu(), calibration(*bin_sums)
     per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
     print(f"{model} {checkpoint_path} on the {dataset} test set ({int(totals[3])} images"
           f"{', with mirror TTA' if tta else ''}):")
     print(f"Top-1 accuracy: {result.acc:.4f}, Top-5 accuracy: {result.top5:.4f}, Loss: {result.loss:.4f}")
+    print(f"ECE ({CALIBRATION_BINS} bins): {calibrated.ece:.4f}")
     width = max(len(name) for name in data.classes)
     for name, accuracy in zip(data.classes, per_class):
         print(f"  {name:<{width}}  {accuracy:.4f}")
@@ -58,7 +60,7 @@ def evaluate_checkpoint(line: CommandLine, load_dataset: Callable[..., CifarData
         model=model, dataset=dataset, checkpoint=str(checkpoint_path), checkpoint_epoch=trained.epoch,
         tta=tta, test_acc=result.acc, test_top5=result.top5, test_loss=result.loss,
         images=int(totals[3]), per_class=dict(zip(data.classes, per_class)),
-        confusion_matrix=confusion.tolist())
+        confusion_matrix=confusion.tolist(), ece=calibrated.ece, calibration_bins=calibrated.bins)
     write_evaluation(out_dir, evaluation, confusion, data.classes)
     print(f"Wrote {out_dir / EVAL_FILE} and {out_dir / CONFUSION_FILE}")
     return 0

@@ -36,7 +36,14 @@ def direct_test_metrics(checkpoint_path, data_dir, tta: bool):
             probs = (probs + net(images.flip(3)).softmax(1)) / 2
     labels = data.test_labels
     top5 = probs.topk(5, dim=1).indices
-    return {"top1": (top5[:, 0] == labels).float().mean().item(),
+    confidence = probs.max(1).values
+    right = (top5[:, 0] == labels).float()
+    ece = 0.0
+    for k in range(15):  # equal-width bins, the last one closed at 1.0
+        in_bin = (confidence > k / 15) & ((confidence <= (k + 1) / 15) if k < 14 else (confidence <= 1))
+        if in_bin.any():
+            ece += in_bin.float().mean().item() * abs(right[in_bin].mean() - confidence[in_bin].mean()).item()
+    return {"ece": ece,"top1": (top5[:, 0] == labels).float().mean().item(),
             "top5": (top5 == labels[:, None]).any(1).float().mean().item(),
             "loss": F.nll_loss(probs.log(), labels).item(),
             "per_class": [(top5[labels == k, 0] == k).float().mean().item() for k in range(10)]}
@@ -59,6 +66,9 @@ def test_eval_only_matches_a_direct_computation(trained_run, cifar10_dir, capsys
     assert report["test_loss"] == pytest.approx(expected["loss"], rel=1e-3)
     assert list(report["per_class"].values()) == pytest.approx(expected["per_class"], abs=1e-4)
     assert f"Top-1 accuracy: {expected['top1']:.4f}" in output and "airplane" in output
+    assert report["ece"] == pytest.approx(expected["ece"], abs=1e-4) and "ECE (15 bins): " in output
+    assert len(report["calibration_bins"]) == 15
+    assert sum(item["count"] for item in report["calibration_bins"]) == 10_000
     assert (run_dir / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
