@@ -25,9 +25,12 @@ def mean_interval(values: list[float], level: float = LEVEL) -> tuple[float, flo
     values."""
     if len(values) < 2:
         return None
-    mean = float(np.mean(values))
-    half = float(stats.t.ppf((1 + level) / 2, len(values) - 1)) * float(np.std(values, ddof=1)) / np.sqrt(len(values))
-    return mean - half, mean + half
+    mean, standard_error = _mean_and_standard_error(values)
+    return _interval(mean, standard_error, len(values) - 1, level)
+
+
+def _mean_and_standard_error(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values, ddof=1)) / np.sqrt(len(values))
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,9 @@ def _interval(difference: float, standard_error: float, df: float, level: float)
 def paired_difference(first: list[float], second: list[float], level: float = LEVEL) -> Interval:
     """(mean difference, low, high, df) of first[i] - second[i], runs of the same seed side by side."""
     differences = np.asarray(first, dtype=float) - np.asarray(second, dtype=float)
-    n = len(differences)
-    mean = float(np.mean(differences))
-    standard_error = float(np.std(differences, ddof=1)) / np.sqrt(n)
-    return (mean, *_interval(mean, standard_error, n - 1, level), float(n - 1))
+    mean, standard_error = _mean_and_standard_error(differences)
+    df = len(differences) - 1
+    return (mean, *_interval(mean, standard_error, df, level), float(df))
 
 
 def welch_difference(first: list[float], second: list[float], level: float = LEVEL) -> Interval:
