@@ -1,16 +1,18 @@
 """Figures and tables made from run folders: the files train.py writes are the only input.
 
     python plot.py results/cifar10/cnn_resnet18   # redraw one run's curves.png
-    python plot.py results/cifar10                # summary.md, summary.csv, comparison.png
+    python plot.py results/cifar10                # summary.md, summary.csv, the figures, index.html
     python plot.py results                        # the same for every dataset folder
     python plot.py results --baseline cnn_resnet18  # comparisons of models: each against cnn_resnet18 only
 
 Also writes the HTML pages of a dataset folder and of the results root (reports/pages.py). This is the command
-alone: the figures are reports/figures.py's, the files of a dataset folder and of the results root
-reports/folders.py's, and run folders are read through runfolder/, the package that writes them.
-It runs without torch: nothing here draws from a checkpoint (confusion_matrix.png is --eval-only's, which runs
-the network, and plot.py leaves it as it is), and the model registry it hands the reports (the names and families
-that order and colour the runs) is a table that imports no torch.
+alone: the figures are reports/figures.py's (accuracy against cost reports/cost.py's, the classes'
+reports/classes.py's), the files of a dataset folder and of the results root reports/folders.py's, and run folders
+are read through runfolder/, the package that writes them.
+It runs without torch: nothing here draws from a checkpoint (confusion_matrix.png and mistakes.png are the test
+report's, of the end of a run or --eval-only, which run the network; plot.py leaves them as they are), and the model
+registry it hands the reports (the names and families that order and colour the runs) is a table that imports no
+torch.
 """
 from __future__ import annotations
 

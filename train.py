@@ -37,7 +37,7 @@ from serving.commands import evaluate_checkpoint, predict_images
 from training import flags, stopping
 from training.dataset import RunData, load_data
 from training.devices import resolve_amp, synchronize, torchvision_version
-from training.evaluation import EvalResult, evaluate
+from training.evaluation import EvalResult, TestSet, Weights, evaluate, test_report, write_test_report
 from training.optimization import EpochSums, Optimization, make_optimization
 from training.processes import (
     Processes,
@@ -450,15 +450,21 @@ def finish(run: RunSetup, data: RunData, training: NetworkAndOptimization, progr
     raw_net = training.raw_net
     test_batches = data.test_batches()
     final = EvalResult.from_totals(evaluate(raw_net, test_batches, run.amp_dtype)[0])
-    raw_net.load_state_dict(store.load_checkpoint(run.folder / declarations.BEST_CHECKPOINT)["model"])
-    best_test = EvalResult.from_totals(evaluate(raw_net, test_batches, run.amp_dtype)[0])
+    best_path = run.folder / declarations.BEST_CHECKPOINT
+    raw_net.load_state_dict(store.load_checkpoint(best_path)["model"])
     history, best = [EpochMetrics.from_row(row) for row in progress.history], progress.best
+    # best.pt's test report, as --eval-only writes it (eval.json, confusion_matrix.png, mistakes.png); before
+    # summary.json, which marks the run finished.
+    best_test = test_report(raw_net, Weights(run.recipe.model, best_path, best["epoch"]),
+                            TestSet(run.config.dataset, test_batches, data.test_images, data.classes,
+                                    data.superclasses), run.amp_dtype)
+    write_test_report(run.folder, best_test, data.test_images)
     summary = Summary(
         model=run.recipe.model, dataset=run.config.dataset, epochs=len(history), best_epoch=best["epoch"],
         best_val_acc=best["val_acc"], final_train_loss=history[-1].train_loss,
         final_train_acc=history[-1].train_acc, final_val_loss=history[-1].val_loss,
-        final_val_acc=history[-1].val_acc, test_acc=best_test.acc, test_top5=best_test.top5,
-        test_loss=best_test.loss, final_test_acc=final.acc, final_test_top5=final.top5,
+        final_val_acc=history[-1].val_acc, test_acc=best_test.test_acc, test_top5=best_test.test_top5,
+        test_loss=best_test.test_loss, final_test_acc=final.acc, final_test_top5=final.top5,
         final_test_loss=final.loss, validation=data.validation, **timings(history))
     store.write_text(run.folder / declarations.SUMMARY_FILE, declarations.json_text(summary))
     try:

@@ -1,5 +1,6 @@
 """The figures of the reports, drawn from run files alone: a run's curves.png (from its metrics.csv), a confusion
-matrix (--eval-only hands over the counts it measured), and a dataset folder's comparison.png (from the summary
+matrix and the most confident mistakes (the test report of the end of a run and of --eval-only hands over what it
+measured), and a dataset folder's comparison.png (from the summary
 rows of reports/summary.py). Plus serve_curves, the process that draws curves.png while a run trains
 (training/recording.py's CurvesDrawer), which is why importing this module must stay cheap: no torch, no model
 code (the model families that colour the comparison come in as an argument).
@@ -53,7 +54,7 @@ FAMILY_COLORMAPS = {
 UNKNOWN_FAMILY_COLORMAP = "Purples"
 
 
-def _save_figure(figure: Figure, path: Path, dpi: int) -> None:
+def save_figure(figure: Figure, path: Path, dpi: int) -> None:
     FigureCanvasAgg(figure)
     store.write_atomically(path, lambda out: figure.savefig(out, format="png", dpi=dpi))
 
@@ -102,7 +103,7 @@ def plot_curves(run_dir: str | Path) -> Path:
         axes.legend(loc="best", fontsize=9)
     figure.suptitle(title)
     path = run_dir / CURVES_FILE
-    _save_figure(figure, path, dpi=120)
+    save_figure(figure, path, dpi=120)
     return path
 
 
@@ -144,7 +145,27 @@ def plot_confusion_matrix(matrix, class_names: list[str], path: str | Path, titl
                 value = percent[true_index, predicted_index]
                 axes.text(predicted_index, true_index, f"{value:.1f}", ha="center", va="center",
                           fontsize=8, color="white" if value > 50 else "black")
-    _save_figure(figure, Path(path), dpi=120)
+    save_figure(figure, Path(path), dpi=120)
+
+
+def plot_mistakes(mistakes: list[dict], thumbnails: list, path: str | Path, title: str) -> None:
+    """Thumbnails (uint8 32 x 32 x 3) of the test images a network got wrong most confidently, 4 to a row, each
+    with its true and predicted class and the confidence, as a PNG at path; mistakes: eval.json's."""
+    columns = 4
+    rows = max(1, math.ceil(len(mistakes) / columns))
+    figure = Figure(figsize=(2.1 * columns, 2.3 * rows + 0.5), layout="constrained")
+    grid = np.atleast_1d(figure.subplots(rows, columns)).ravel()
+    for axes in grid:
+        axes.set_axis_off()
+    for axes, item, image in zip(grid, mistakes, thumbnails):
+        axes.imshow(image, interpolation="nearest")
+        # parse_math=False: a class name with '$' is text, not mathtext.
+        axes.set_title(f"true: {item['true']}\npredicted: {item['predicted']}\n{100 * item['confidence']:.1f}% sure",
+                       fontsize=8, parse_math=False)
+    if not mistakes:
+        grid[0].text(0, 0.5, "no mistakes", fontsize=10)
+    figure.suptitle(title, fontsize=10)
+    save_figure(figure, Path(path), dpi=100)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,9 +194,11 @@ def _draw_validation_curves(axes, rows: list[dict], colors: dict[str, tuple]) ->
             # One legend entry per model: seeds of one model share its colour.
             label = None if row["model"] in labelled_models else row["model"]
             labelled_models.add(row["model"])
-            axes.plot(run["metrics"]["epoch"], 100 * run["metrics"]["val_acc"], label=label,
-                      color=colors[row["model"]], linewidth=1.3,
-                      linestyle="-" if row["finished"] else "--")
+            epochs = run["metrics"]["epoch"]
+            # A run of one epoch is a point, which a line alone would not draw.
+            axes.plot(epochs, 100 * run["metrics"]["val_acc"], label=label,
+                      color=colors[row["model"]], linewidth=1.3, marker="o" if len(epochs) == 1 else None,
+                      markersize=5, linestyle="-" if row["finished"] else "--")
     if not all(row["finished"] for row in rows):
         axes.plot([], [], color="grey", linestyle="--", label="unfinished run")
     axes.set(xlabel="epoch", ylabel="validation accuracy (%)",
@@ -239,7 +262,7 @@ def plot_comparison(dataset_name: str, rows: list[dict], path: Path, families: d
     _draw_validation_curves(curve_axes, rows, colors)
     run_count = sum(row["runs"] for row in rows)
     figure.suptitle(f"{pretty_dataset(dataset_name)}: {run_count} runs of {len(models)} models")
-    _save_figure(figure, path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
 # ----------------------------------------------------------------------------------------------

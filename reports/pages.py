@@ -20,6 +20,8 @@ from html import escape
 from pathlib import Path
 from urllib.parse import quote
 
+from reports import classes
+from reports.cost import COST_INTRO, NO_COST_LINE, cost_report
 from reports.summary import (
     COMPARISON_HEADERS,
     comparison_notes,
@@ -31,11 +33,15 @@ from reports.summary import (
 )
 from runfolder import store
 from runfolder.declarations import (
+    ACCURACY_COST_FILE,
+    CLASS_ACCURACY_ALL_FILE,
+    CLASS_ACCURACY_FILE,
     COMPARISON_FILE,
     CONFIG_FILE,
     CONFUSION_FILE,
     CURVES_FILE,
     EVAL_FILE,
+    MISTAKES_FILE,
     PAGE_FILE,
     REPORTED_FLAGS,
     SUMMARY_CSV_FILE,
@@ -228,6 +234,47 @@ def reliability_diagram(evaluation: Evaluation) -> str:
             "</figcaption></figure>")
 
 
+def mistakes_section(run_dir: Path, name: str, evaluation: Evaluation) -> str:
+    """The test images the network got wrong most confidently: mistakes.png's thumbnails, and eval.json's list of
+    them (true and predicted class, confidence) behind a click; a muted line for an eval.json from before them."""
+    mistakes = evaluation.mistakes
+    if not isinstance(mistakes, list):
+        return ('<p class="muted">no most confident mistakes in this eval.json (written before they were '
+                "recorded; --eval-only writes them)</p>")
+    rows = "".join(
+        f"<tr><td>{escape(str(item.get('index')))}</td><td>{escape(str(item.get('true')))}</td>"
+        f"<td>{escape(str(item.get('predicted')))}</td><td>{_percent(item.get('confidence'))}</td></tr>"
+        for item in mistakes if isinstance(item, dict))
+    return "\n".join([
+        f"<h4>Most confident mistakes ({len(mistakes)})</h4>",
+        _image(run_dir / MISTAKES_FILE, f"{name}/{MISTAKES_FILE}", f"most confident mistakes of {name}",
+               "no mistakes.png"),
+        '<details><summary>as a list</summary><div class="scroll"><table><thead><tr><th>test image</th>'
+        f"<th>true class</th><th>predicted</th><th>confidence</th></tr></thead><tbody>{rows}</tbody></table>"
+        "</div></details>"])
+
+
+def _classes(dataset_dir: Path, rows: list[dict]) -> list[str]:
+    """The classes each model gets wrong: the heatmap of test accuracy per class (CIFAR-100: per superclass, every
+    class one click away), per row its weakest class and most common confusion, and the notes."""
+    table = classes.class_table(rows)
+    parts = ["<h2>Classes</h2>"]
+    if table.rows:
+        parts.append(_image(dataset_dir / CLASS_ACCURACY_FILE, CLASS_ACCURACY_FILE,
+                            "test accuracy per class of each model", f"no {CLASS_ACCURACY_FILE}"))
+        if classes.by_superclass(table):
+            parts.append("<details><summary>every class</summary>"
+                         + _image(dataset_dir / CLASS_ACCURACY_ALL_FILE, CLASS_ACCURACY_ALL_FILE,
+                                  "test accuracy per class of each model, every class",
+                                  f"no {CLASS_ACCURACY_ALL_FILE}") + "</details>")
+        headers = "".join(f'<th scope="col">{escape(header)}</th>' for header in classes.CLASS_HEADERS)
+        body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in line) + "</tr>"
+                       for line in classes.class_lines(table))
+        parts.append(f'<div class="scroll"><table id="classes"><thead><tr>{headers}</tr></thead>'
+                     f"<tbody>{body}</tbody></table></div>")
+    return parts + [_markdown_notes(classes.class_notes(table))]
+
+
 def _evaluation(run_dir: Path, name: str) -> str:
     evaluation = store.read_record(run_dir / EVAL_FILE, Evaluation)
     if evaluation is None:
@@ -240,7 +287,7 @@ def _evaluation(run_dir: Path, name: str) -> str:
     parts = [f"<p>{escape(line)}</p>",
              _image(run_dir / CONFUSION_FILE, f"{name}/{CONFUSION_FILE}",
                     f"confusion matrix of {name}", "no confusion_matrix.png"),
-             reliability_diagram(evaluation)]
+             reliability_diagram(evaluation), mistakes_section(run_dir, name, evaluation)]
     per_class = evaluation.per_class
     if isinstance(per_class, dict) and per_class:
         rows = "".join(f"<tr><td>{escape(str(class_name))}</td><td>{_percent(accuracy)}</td></tr>"
@@ -289,6 +336,24 @@ def _comparisons(rows: list[dict], baseline: str | None) -> list[str]:
     return ["<h2>Comparisons</h2>", table, _markdown_notes(comparison_notes(baseline))]
 
 
+def _accuracy_cost(dataset_dir: Path, rows: list[dict]) -> list[str]:
+    """summary.md's section "Accuracy against cost" with accuracy_cost.png: per group its Pareto fronts (plain
+    text, escaped) and footnotes (Markdown), then the footnotes on the rows in no group."""
+    report = cost_report(rows)
+    intro = COST_INTRO if report.groups else NO_COST_LINE
+    parts = ["<h2>Accuracy against cost</h2>", f"<p>{_markdown_text(intro)}</p>"]
+    if report.groups:
+        parts.append(_image(dataset_dir / ACCURACY_COST_FILE, ACCURACY_COST_FILE, "test accuracy against cost",
+                            f"no {ACCURACY_COST_FILE}"))
+    for group in report.groups:
+        fronts = "".join(f"<li>Pareto front by {escape(panel.front_text())}</li>" for panel in group.panels)
+        notes = "".join(f"<li>{_markdown_text(note)}</li>" for note in group.notes)
+        parts += [f"<h3>{escape(group.title)}</h3>", f"<ul>{fronts}{notes}</ul>"]
+    if report.notes:
+        parts.append(_markdown_notes(list(report.notes)))
+    return parts
+
+
 def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | None = None,
                        baseline: str | None = None) -> Path:
     """Write <dataset_dir>/index.html from summary.group_runs' rows; returns its path.
@@ -310,8 +375,10 @@ def write_dataset_page(dataset_dir: Path, rows: list[dict], index_link: bool | N
             _summary_table(rows, run_ids),
             _markdown_notes(table_notes(rows)),
             *_comparisons(rows, baseline),
+            *_accuracy_cost(dataset_dir, rows),
             _image(dataset_dir / COMPARISON_FILE, COMPARISON_FILE, "comparison of the models",
                    "no comparison.png"),
+            *_classes(dataset_dir, rows),
             "<h2>Runs</h2>"]
     body += [run_section(dataset_dir, run, run_ids[run["run_dir"]])
              for row in rows for run in row["members"]]

@@ -102,9 +102,22 @@ def read_run(run_dir: Path, model_names: list[str]) -> dict:
         "train_loss": float(metrics["train_loss"][-1]),
         "val_loss": float(metrics["val_loss"][-1]),
         "seconds_per_epoch": float(np.mean(metrics["epoch_seconds"])),
+        "train_images": _whole_number(facts.train_images),
+        "device": device_label(facts),
         "ece": as_number(evaluation.ece) if evaluation else None,  # None: not evaluated, or before calibration
+        "evaluation": evaluation,  # eval.json as read (reports/classes.py's counts), or None
         "metrics": metrics,
     }
+
+
+def device_label(facts: RunFacts) -> str | None:
+    """What a run trained on, as its throughput is compared: the GPU's name (or CPU, MPS) and the number of
+    processes; None when config.json does not say."""
+    if not isinstance(facts.device, str):
+        return None
+    name = facts.gpu_name if isinstance(facts.gpu_name, str) and facts.gpu_name else facts.device.upper()
+    processes = _whole_number(facts.world_size)
+    return name + (f" x {processes} processes" if processes and processes > 1 else "")
 
 
 def _whole_number(value: object) -> int | None:

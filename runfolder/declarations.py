@@ -38,14 +38,18 @@ BEST_CHECKPOINT = "best.pt"
 SUMMARY_FILE = "summary.json"
 EVAL_FILE = "eval.json"
 CONFUSION_FILE = "confusion_matrix.png"
+MISTAKES_FILE = "mistakes.png"  # thumbnails of the test images the network got wrong most confidently
 LOCK_FILE = ".lock"  # held (flock) by the one process that trains or evaluates into the folder
 TEMP_MARK = ".tmp"  # in the names of the temporary files that writes go through
 # Files that describe a finished state of the run; a run that trains on removes them at its first new epoch.
-END_OF_RUN_FILES = (SUMMARY_FILE, EVAL_FILE, CONFUSION_FILE)
+END_OF_RUN_FILES = (SUMMARY_FILE, EVAL_FILE, CONFUSION_FILE, MISTAKES_FILE)
 # What a dataset folder holds beside its run folders (plot.py writes them).
 SUMMARY_CSV_FILE = "summary.csv"
 SUMMARY_MD_FILE = "summary.md"
 COMPARISON_FILE = "comparison.png"
+CLASS_ACCURACY_FILE = "class_accuracy.png"  # test accuracy per class (CIFAR-100: per superclass) of each model
+CLASS_ACCURACY_ALL_FILE = "class_accuracy_all_classes.png"  # CIFAR-100: the same for each of its 100 classes
+ACCURACY_COST_FILE = "accuracy_cost.png"  # test accuracy against parameters, FLOPs and throughput
 PAGE_FILE = "index.html"  # the HTML page of a dataset folder, and of the results root
 
 
@@ -259,6 +263,9 @@ class Evaluation(Record):
     confusion_matrix: list[list[int]]
     ece: float | None = None  # added with calibration; None: evaluated before it
     calibration_bins: list[dict] | None = None  # each {"low", "high", "count", "accuracy", "confidence"}
+    # Added with the classes' figures; None: evaluated before them.
+    mistakes: list[dict] | None = None  # the most confident wrong answers: {"index", "true", "predicted", "confidence"}
+    superclasses: dict[str, str] | None = None  # CIFAR-100: each class's superclass, from the dataset's coarse labels
 
 
 @dataclass(frozen=True, kw_only=True)

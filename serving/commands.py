@@ -1,25 +1,21 @@
-"""The two commands that use a trained network instead of training one: --eval-only (test accuracy, per class and
-a confusion matrix, into eval.json and confusion_matrix.png beside the checkpoint) and --predict (the top-5 classes
-of image files, printed). train.py dispatches to them; their network is measured by training/evaluation.py's
-evaluate(), as the loop's is.
+"""The two commands that use a trained network instead of training one: --eval-only (test accuracy, per class,
+calibration and the most confident mistakes, into eval.json, confusion_matrix.png and mistakes.png beside the
+checkpoint, as the end of a run writes them) and --predict (the top-5 classes of image files, printed). train.py
+dispatches to them; their network is measured by training/evaluation.py's test_report(), as the end of a run's is.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from cifar.batches import BatchOptions, EvalBatches
 from cifar.dataset_files import CifarData, DataError
 from core.errors import RunFailed
-from reports.figures import plot_confusion_matrix
-from reports.summary import pretty_dataset
 from runfolder import declarations, lock, store
-from runfolder.declarations import CONFUSION_FILE, EVAL_FILE, Evaluation
+from runfolder.declarations import CONFUSION_FILE, EVAL_FILE, MISTAKES_FILE
 from serving import trained_net
 from training.devices import pick_device, resolve_amp
-from training.evaluation import CALIBRATION_BINS, EvalResult, calibration, evaluate
+from training.evaluation import CALIBRATION_BINS, TestSet, Weights, test_report, write_test_report
 from training.flags import CommandLine
 
 
@@ -45,40 +41,26 @@ def evaluate_checkpoint(line: CommandLine, load_dataset: Callable[..., CifarData
     data = load_dataset(settings.data_dir)
     mean, std = trained.statistics
     batches = EvalBatches(data.test_images, data.test_labels, 500, BatchOptions(mean, std, device))
-    totals, confusion, bin_sums = evaluate(net, batches, amp_dtype, tta=tta, num_classes=num_classes,
-                                           calibrate=True)
-    result, confusion, calibrated = EvalResult.from_totals(totals), confusion.cpu(), calibration(*bin_sums)
-    per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
-    print(f"{model} {checkpoint_path} on the {dataset} test set ({int(totals[3])} images"
+    evaluation = test_report(net, Weights(model, checkpoint_path, trained.epoch),
+                             TestSet(dataset, batches, data.test_images, data.classes, data.superclasses()),
+                             amp_dtype, tta=tta)
+    print(f"{model} {checkpoint_path} on the {dataset} test set ({evaluation.images} images"
           f"{', with mirror TTA' if tta else ''}):")
-    print(f"Top-1 accuracy: {result.acc:.4f}, Top-5 accuracy: {result.top5:.4f}, Loss: {result.loss:.4f}")
-    print(f"ECE ({CALIBRATION_BINS} bins): {calibrated.ece:.4f}")
+    print(f"Top-1 accuracy: {evaluation.test_acc:.4f}, Top-5 accuracy: {evaluation.test_top5:.4f}, "
+          f"Loss: {evaluation.test_loss:.4f}")
+    print(f"ECE ({CALIBRATION_BINS} bins): {evaluation.ece:.4f}")
     width = max(len(name) for name in data.classes)
-    for name, accuracy in zip(data.classes, per_class):
+    for name, accuracy in evaluation.per_class.items():
         print(f"  {name:<{width}}  {accuracy:.4f}")
-    evaluation = Evaluation(
-        model=model, dataset=dataset, checkpoint=str(checkpoint_path), checkpoint_epoch=trained.epoch,
-        tta=tta, test_acc=result.acc, test_top5=result.top5, test_loss=result.loss,
-        images=int(totals[3]), per_class=dict(zip(data.classes, per_class)),
-        confusion_matrix=confusion.tolist(), ece=calibrated.ece, calibration_bins=calibrated.bins)
-    write_evaluation(out_dir, evaluation, confusion, data.classes)
-    print(f"Wrote {out_dir / EVAL_FILE} and {out_dir / CONFUSION_FILE}")
-    return 0
-
-
-def write_evaluation(out_dir: Path, evaluation: Evaluation, confusion: torch.Tensor, classes: list[str]) -> None:
-    """eval.json and confusion_matrix.png, under the folder's lock."""
     held = lock.lock_run_folder(out_dir)
     try:
-        store.write_text(out_dir / EVAL_FILE, declarations.json_text(evaluation))
-        plot_confusion_matrix(confusion.numpy(), classes, out_dir / CONFUSION_FILE,
-                              f"{evaluation.model} on the {pretty_dataset(evaluation.dataset)} "
-                              f"test set{' (mirror TTA)' if evaluation.tta else ''}")
+        write_test_report(out_dir, evaluation, data.test_images)
     except store.WriteFailed as err:
-        raise RunFailed(f"{err}; {evaluation.checkpoint} is untouched; free space, then evaluate "
-                        "again") from None
+        raise RunFailed(f"{err}; {checkpoint_path} is untouched; free space, then evaluate again") from None
     finally:
         held.close()
+    print(f"Wrote {out_dir / EVAL_FILE}, {out_dir / CONFUSION_FILE} and {out_dir / MISTAKES_FILE}")
+    return 0
 
 
 def predict_images(line: CommandLine, load_dataset: Callable[..., CifarData], num_classes: int) -> int:

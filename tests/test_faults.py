@@ -249,7 +249,11 @@ def assert_every_file_is_whole(run_dir: Path) -> None:
     # At the end, after summary.json: --resume finishes the run again. While the run trains, curves.png is drawn
     # in a process of its own, which test_host_work.py fails.
     ("curves.png", 1, 2),
-], ids=["config", "log", "best", "last", "metrics", "summary", "last-epoch-2", "log-appended", "curves-at-end"])
+    # best.pt's test report, before summary.json: the run is not finished, and --resume finishes it.
+    ("eval.json", 1, 2),
+    ("mistakes.png", 1, 2),
+], ids=["config", "log", "best", "last", "metrics", "summary", "last-epoch-2", "log-appended", "curves-at-end",
+        "eval-at-end", "mistakes-at-end"])
 def test_a_full_disk_at_any_write_keeps_the_run_and_the_same_command_finishes_it(
         reference, cifar10_dir, tmp_path, monkeypatch, capsys, name, occurrence, saved_epochs):
     capsys.readouterr()
@@ -390,13 +394,14 @@ def test_a_full_disk_during_eval_only_is_one_line_exit_1(reference, tmp_path, ci
     run_dir = tmp_path / "cifar10" / "cnn_base"
     shutil.copytree(reference, run_dir)
     best = (run_dir / declarations.BEST_CHECKPOINT).read_bytes()
+    report = (run_dir / name).read_bytes()  # the end of the run's test report, which --eval-only would replace
     capsys.readouterr()
     fill_disk_at(monkeypatch, name)
     assert train.main("cifar10", ["--eval-only", "--data-dir", str(cifar10_dir), "--results-dir",
                                   str(tmp_path)]) == 1
     assert_one_line_error(capsys.readouterr().err, f"error: cannot write {run_dir / name} ({NO_SPACE})",
                           "untouched", "evaluate again")
-    assert not (run_dir / name).exists()
+    assert (run_dir / name).read_bytes() == report
     assert (run_dir / declarations.BEST_CHECKPOINT).read_bytes() == best
     assert_every_file_is_whole(run_dir)
     lock.refuse_if_in_use(run_dir)  # the lock is let go after a failure

@@ -303,6 +303,8 @@ def test_each_run_section_says_exactly_what_its_files_hold(tmp_path):
         ["<p>top-1 61.23%, top-5 94.56%, mirror TTA on, checkpoint of epoch 3, 10000 images</p>",
          '<a href="cnn_resnet18/confusion_matrix.png"><img src="cnn_resnet18/confusion_matrix.png" '
          'alt="confusion matrix of cnn_resnet18" loading="lazy"></a>',
+         '<p class="muted">no most confident mistakes in this eval.json (written before they were recorded; '
+         "--eval-only writes them)</p>",
          "<details><summary>accuracy per class</summary><table><thead><tr><th>class</th><th>top-1</th></tr></thead>"
          "<tbody><tr><td>airplane</td><td>50.00%</td></tr><tr><td>bird</td><td>50.00%</td></tr></tbody></table>"
          "</details>"])

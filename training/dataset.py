@@ -29,6 +29,7 @@ class RunData:
     train_count: int
     val_count: int
     eval_batch_size: int  # validation's and the end-of-run tests' (eval_batch_size below)
+    superclasses: dict[str, str] | None  # CIFAR-100's superclass of each class (CifarData.superclasses)
 
     def test_batches(self) -> EvalBatches:
         """The whole (or --subset) test set, on this process alone."""
@@ -72,4 +73,4 @@ def load_data(recipe: Recipe, load_dataset: Callable[[str], CifarData], data_dir
     except ValueError as err:  # e.g. fewer images than processes
         raise UsageError(str(err)) from None
     return RunData(train_batches, val_batches, test_images, test_labels, options, validation, data.classes,
-                   len(train_labels), len(val_labels), eval_batch)
+                   len(train_labels), len(val_labels), eval_batch, data.superclasses())

@@ -1,14 +1,19 @@
-"""Measuring a network on a set of batches: the loop's validation and end-of-run tests, and --eval-only's test
-of a trained network (serving/commands.py).
+"""Measuring a network on a set of batches: the loop's validation, and the test report of a trained network
+(eval.json, confusion_matrix.png, mistakes.png) that the end of a run and --eval-only (serving/commands.py) write.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reports.figures import plot_confusion_matrix, plot_mistakes
+from reports.summary import pretty_dataset
+from runfolder import declarations, store
+from runfolder.declarations import CONFUSION_FILE, EVAL_FILE, MISTAKES_FILE, Evaluation
 from training.devices import accumulator_dtype, autocast
 
 
@@ -63,16 +68,41 @@ def bin_sums(probs: torch.Tensor, labels: torch.Tensor, bins: int = CALIBRATION_
     return torch.zeros(3, bins, device=probs.device, dtype=dtype).index_add_(1, index, rows.to(dtype))
 
 
+MISTAKES = 16  # the most confident mistakes a test report keeps
+
+
+def most_confident_mistakes(kept: torch.Tensor, probs: torch.Tensor, labels: torch.Tensor, start: int,
+                            count: int = MISTAKES) -> torch.Tensor:
+    """kept (3, <= count: confidence, image index, predicted class, by falling confidence) updated with a batch
+    whose first image is image `start` of the set; on the device, without a host sync. A right answer counts as
+    confidence -1, so it is kept only while there are fewer mistakes than `count`, and dropped at the end."""
+    confidence, predicted = probs.max(1)
+    wrong = torch.where(predicted != labels, confidence.to(kept.dtype), -1.0)
+    index = torch.arange(start, start + len(labels), device=kept.device, dtype=kept.dtype)
+    candidates = torch.cat([kept, torch.stack([wrong, index, predicted.to(kept.dtype)])], dim=1)
+    order = candidates[0].topk(min(count, candidates.shape[1])).indices
+    return candidates[:, order]
+
+
+class TestDetails(NamedTuple):
+    """What evaluate(..., details=True) measures besides the totals, all on the device."""
+
+    confusion: torch.Tensor  # (classes, classes) counts, rows the true class
+    calibration_sums: torch.Tensor  # bin_sums() of the whole set
+    mistakes: torch.Tensor  # most_confident_mistakes() of the whole set
+
+
 @torch.no_grad()
 def evaluate(net: nn.Module, batches, amp_dtype, tta: bool = False, num_classes: int = 0,
-             calibrate: bool = False):
-    """Summed loss, top-1 and top-5 hits and count, kept on the device; optionally a confusion matrix, and with
-    calibrate a third result: bin_sums() of the whole set (for calibration())."""
+             details: bool = False):
+    """Summed loss, top-1 and top-5 hits and count, kept on the device, and a confusion matrix (empty without
+    num_classes); with details (a test report, on one process) TestDetails instead of the confusion matrix."""
     net.eval()
     device = batches.device
     totals = torch.zeros(4, device=device, dtype=accumulator_dtype(device))
     confusion = torch.zeros(num_classes, num_classes, device=device, dtype=torch.int64)
     calibration_sums = torch.zeros(3, CALIBRATION_BINS, device=device, dtype=accumulator_dtype(device))
+    mistakes, seen = torch.zeros(3, 0, device=device, dtype=accumulator_dtype(device)), 0
     for inputs, labels in batches:
         with autocast(device, amp_dtype):
             logits = net(inputs).float()
@@ -87,8 +117,62 @@ def evaluate(net: nn.Module, batches, amp_dtype, tta: bool = False, num_classes:
         if num_classes:
             confusion += torch.bincount(labels * num_classes + top5[:, 0],
                                         minlength=num_classes ** 2).view(num_classes, num_classes)
-        if calibrate:  # with tta, logits are the averaged probabilities' logs, so this is their softmax
-            calibration_sums += bin_sums(logits.softmax(1), labels)
-    if calibrate:
-        return totals, confusion, calibration_sums
+        if details:  # with tta, logits are the averaged probabilities' logs, so this is their softmax
+            probs = logits.softmax(1)
+            calibration_sums += bin_sums(probs, labels)
+            mistakes = most_confident_mistakes(mistakes, probs, labels, seen)
+            seen += len(labels)
+    if details:
+        return totals, TestDetails(confusion, calibration_sums, mistakes)
     return totals, confusion
+
+
+class TestSet(NamedTuple):
+    """A test set as a test report names it: its dataset, batches, images (uint8 N x 3 x 32 x 32, in the batches'
+    order), class names and, for CIFAR-100, each class's superclass."""
+
+    dataset: str
+    batches: object  # cifar.batches.EvalBatches
+    images: torch.Tensor
+    classes: list[str]
+    superclasses: dict[str, str] | None
+
+
+class Weights(NamedTuple):
+    """The trained network a test report is of, as eval.json names it."""
+
+    model: str
+    checkpoint: Path
+    epoch: int | None
+
+
+def test_report(net: nn.Module, weights: Weights, test_set: TestSet, amp_dtype, tta: bool = False) -> Evaluation:
+    """eval.json's record of a trained network on a test set: accuracy, per class, confusion, calibration and the
+    most confident mistakes."""
+    classes = test_set.classes
+    totals, measured = evaluate(net, test_set.batches, amp_dtype, tta=tta, num_classes=len(classes), details=True)
+    result, confusion = EvalResult.from_totals(totals), measured.confusion.cpu()
+    calibrated = calibration(*measured.calibration_sums)
+    per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
+    mistakes = [{"index": int(index), "true": classes[int(test_set.batches.labels[int(index)])],
+                 "predicted": classes[int(predicted)], "confidence": float(confidence)}
+                for confidence, index, predicted in measured.mistakes.cpu().T.tolist() if confidence >= 0]
+    return Evaluation(
+        model=weights.model, dataset=test_set.dataset, checkpoint=str(weights.checkpoint),
+        checkpoint_epoch=weights.epoch, tta=tta, test_acc=result.acc, test_top5=result.top5,
+        test_loss=result.loss, images=int(totals[3]), per_class=dict(zip(classes, per_class)),
+        confusion_matrix=confusion.tolist(), ece=calibrated.ece, calibration_bins=calibrated.bins,
+        mistakes=mistakes, superclasses=test_set.superclasses)
+
+
+def write_test_report(out_dir: Path, evaluation: Evaluation, images: torch.Tensor) -> None:
+    """eval.json, confusion_matrix.png and mistakes.png (thumbnails of `images`, the test set's uint8 images, at
+    the mistakes' indices) into a run folder; store.WriteFailed when a file cannot be written. The caller holds
+    the folder's lock."""
+    classes = list(evaluation.per_class)
+    store.write_text(out_dir / EVAL_FILE, declarations.json_text(evaluation))
+    title = f"{evaluation.model} on the {pretty_dataset(evaluation.dataset)} test set"
+    tta = " (mirror TTA)" if evaluation.tta else ""
+    plot_confusion_matrix(evaluation.confusion_matrix, classes, out_dir / CONFUSION_FILE, title + tta)
+    thumbnails = [images[item["index"]].permute(1, 2, 0).numpy() for item in evaluation.mistakes]
+    plot_mistakes(evaluation.mistakes, thumbnails, out_dir / MISTAKES_FILE, "Most confident mistakes: " + title + tta)
