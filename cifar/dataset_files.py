@@ -64,12 +64,12 @@ class CifarData:
     coarse_classes: list[str] | None = None
 
     def superclasses(self) -> dict[str, str] | None:
-        """Each class's superclass (CIFAR-100's coarse class), as the training images label them; None without
-        coarse labels."""
+        """Each class's superclass (CIFAR-100's coarse class), as the training images label them, in the dataset's
+        order of superclasses (then of classes); None without coarse labels."""
         if self.train_coarse_labels is None or self.coarse_classes is None:
             return None
-        pairs = torch.stack([self.train_labels, self.train_coarse_labels]).unique(dim=1).T.tolist()
-        return {self.classes[fine]: self.coarse_classes[coarse] for fine, coarse in sorted(pairs)}
+        pairs = torch.stack([self.train_coarse_labels, self.train_labels]).unique(dim=1).T.tolist()
+        return {self.classes[fine]: self.coarse_classes[coarse] for coarse, fine in sorted(pairs)}
 
 
 def load_cifar(spec: CifarSpec, data_dir: str | Path, download: bool) -> CifarData:

@@ -29,7 +29,7 @@ class ClassCounts:
 
     classes: tuple[str, ...]
     confusion: np.ndarray
-    superclasses: tuple[tuple[str, str], ...] | None  # (class, superclass) pairs, in class order
+    superclasses: tuple[tuple[str, str], ...] | None  # (class, superclass) pairs, in eval.json's order
 
 
 def class_counts(evaluation: Evaluation | None) -> ClassCounts | None:
@@ -48,7 +48,7 @@ def class_counts(evaluation: Evaluation | None) -> ClassCounts | None:
     mapping = evaluation.superclasses
     superclasses = None
     if isinstance(mapping, dict) and all(name in mapping and isinstance(mapping[name], str) for name in classes):
-        superclasses = tuple((name, mapping[name]) for name in classes)
+        superclasses = tuple((name, mapping[name]) for name in mapping if name in classes)
     return ClassCounts(classes, confusion, superclasses)
 
 
@@ -100,13 +100,13 @@ def class_table(rows: list[dict]) -> ClassTable:
 
 def accuracy_by(counts: ClassCounts, by_superclass: bool) -> tuple[list[str], np.ndarray]:
     """Column names and accuracies (right answers over images, NaN where no image): per class, or per superclass
-    in name order."""
+    in the dataset's order (eval.json lists the classes superclass by superclass)."""
     right, images = np.diag(counts.confusion), counts.confusion.sum(axis=1)
     if not by_superclass:
         names = list(counts.classes)
     else:
         of_class = dict(counts.superclasses)
-        names = sorted(set(of_class.values()))
+        names = list(dict.fromkeys(of_class.values()))
         member = np.array([[of_class[name] == group for name in counts.classes] for group in names])
         right, images = member @ right, member @ images
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -12,6 +12,7 @@ from test_report import make_run
 
 import plot
 import train
+from cifar.dataset_files import CifarData
 from reports import classes, figures, summary
 from runfolder.declarations import Evaluation
 from training.evaluation import most_confident_mistakes
@@ -58,6 +59,16 @@ def test_fewer_mistakes_than_kept_leave_right_answers_marked_below_zero():
     kept = most_confident_mistakes(torch.zeros(3, 0, dtype=torch.float64), probs, torch.tensor([0, 0, 0]), 10)
     assert kept[:, kept[0] >= 0].tolist() == [[0.8], [11.0], [1.0]]  # the one mistake, image 11, predicted 1
     assert (kept[0] < 0).sum() == 2
+
+
+def test_superclasses_come_from_the_coarse_labels_in_the_datasets_order():
+    data = CifarData(train_images=torch.zeros(4, 3, 32, 32, dtype=torch.uint8), train_labels=torch.tensor([2, 0, 1, 2]),
+                     test_images=torch.zeros(0, 3, 32, 32, dtype=torch.uint8), test_labels=torch.tensor([]),
+                     classes=["apple", "bus", "pear"], train_coarse_labels=torch.tensor([0, 0, 1, 0]),
+                     coarse_classes=["fruit", "vehicles"])
+    assert list(data.superclasses().items()) == [("apple", "fruit"), ("pear", "fruit"), ("bus", "vehicles")]
+    assert CifarData(data.train_images, data.train_labels, data.test_images, data.test_labels,
+                     data.classes).superclasses() is None  # CIFAR-10
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -124,15 +135,15 @@ def test_superclass_accuracy_is_counted_over_the_images_of_its_classes(tmp_path)
     names = ["apple", "pear", "bus"]
     # apple 8/10 right, pear 1/5 right (4 taken for apple), bus 6/10 right (4 taken for pear).
     confusion = [[8, 2, 0], [4, 1, 0], [0, 4, 6]]
-    write_eval(make_run(dataset_dir, "cnn_base", "s1", seed=1), names, confusion,
-               superclasses={"apple": "fruit", "pear": "fruit", "bus": "vehicles"})
-    write_eval(make_run(dataset_dir, "cnn_base", "s2", seed=2), names, confusion,
-               superclasses={"apple": "fruit", "pear": "fruit", "bus": "vehicles"})
+    # Superclass by superclass, in the dataset's order of superclasses (CifarData.superclasses).
+    superclasses = {"bus": "vehicles", "apple": "fruit", "pear": "fruit"}
+    write_eval(make_run(dataset_dir, "cnn_base", "s1", seed=1), names, confusion, superclasses=superclasses)
+    write_eval(make_run(dataset_dir, "cnn_base", "s2", seed=2), names, confusion, superclasses=superclasses)
     table = classes.class_table(read_rows(dataset_dir))
     assert [item.runs for item in table.rows] == [2] and classes.by_superclass(table)
     columns, accuracy = classes.accuracy_by(table.rows[0].counts, by_superclass=True)
-    assert columns == ["fruit", "vehicles"]
-    assert accuracy.tolist() == pytest.approx([18 / 30, 12 / 20])  # not the mean of 0.8 and 0.2
+    assert columns == ["vehicles", "fruit"]
+    assert accuracy.tolist() == pytest.approx([12 / 20, 18 / 30])  # fruit: not the mean of 0.8 and 0.2
     assert classes.class_lines(table) == [("cnn_base", "pear 20.0%", "pear \u2192 apple, 80.0% of pear")]
 
 
