@@ -27,9 +27,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
 
-from core import course
 from reports.figures import save_figure
-from reports.summary import count_text, pretty_dataset
+from reports.summary import count_text, course_typed_over, pretty_dataset
 from runfolder import store
 from runfolder.declarations import ACCURACY_COST_FILE
 
@@ -123,25 +122,23 @@ def _steady_train_seconds(run: dict) -> float:
     return float(np.median(steady)) if len(steady) else float("nan")
 
 
-def run_throughput(run: dict) -> float | None:
+def _throughput(run: dict) -> tuple[float | None, str | None]:
     """Training images per second of a run (read_run's dict): train_images over the median train_seconds of the
-    epochs after the first; None when either is missing, NaN or not positive."""
+    epochs after the first; or None and why it has none, in Markdown."""
     images, seconds = run.get("train_images"), _steady_train_seconds(run)
-    if not isinstance(images, int) or images <= 0 or not seconds > 0:  # NaN fails `> 0` too
-        return None
-    return images / seconds
-
-
-def _throughput_gap(run: dict) -> str | None:
-    """Why a run has no place on a throughput axis, in Markdown, or None when it has one."""
-    if not isinstance(run.get("train_images"), int) or run["train_images"] <= 0:
-        return "config.json has no count of training images"
-    seconds = _steady_train_seconds(run)
+    if not isinstance(images, int) or images <= 0:
+        return None, "config.json has no count of training images"
     if np.isnan(seconds):
-        return "its metrics.csv has no `train_seconds` (it predates the column)"
+        return None, "its metrics.csv has no `train_seconds` (it predates the column)"
     if seconds <= 0:
-        return "its `train_seconds` are not positive"
-    return None if run.get("device") else "config.json names no device"
+        return None, "its `train_seconds` are not positive"
+    return images / seconds, None
+
+
+def run_throughput(run: dict) -> float | None:
+    """Training images per second of a run; None when train_images or train_seconds is missing, NaN or not
+    positive."""
+    return _throughput(run)[0]
 
 
 def pareto_front(points: list[CostPoint], higher_cost_is_better: bool = False) -> list[CostPoint]:
@@ -164,8 +161,8 @@ def pareto_front(points: list[CostPoint], higher_cost_is_better: bool = False) -
 
 def _group_title(row: dict) -> str:
     """'default recipe, 50 epochs'; the course recipe with a recipe flag typed over it says so."""
-    typed_over = row["recipe"] == course.NAME and row["course_report_valid_acc"] is None
-    return f"{row['recipe']} recipe{' with flags typed over it' if typed_over else ''}, {row['epochs']} epochs"
+    typed_over = " with flags typed over it" if course_typed_over(row) else ""
+    return f"{row['recipe']} recipe{typed_over}, {row['epochs']} epochs"
 
 
 def _point(row: dict, cost: float) -> CostPoint:
@@ -191,20 +188,21 @@ def _throughput_panel(axis: CostAxis, rows: list[dict]) -> tuple[CostPanel, list
     measured = []
     for row in rows:
         for run in row["members"]:
-            gap = _throughput_gap(run)
+            throughput, gap = _throughput(run)
+            gap = gap or (None if run.get("device") else "config.json names no device")
             if gap:
                 gaps.setdefault(gap, []).append(run["run_dir"])
             else:
-                measured.append((row, run))
-    devices = Counter(run["device"] for _, run in measured)
+                measured.append((row, run, throughput))
+    devices = Counter(run["device"] for _, run, _ in measured)
     device = min(devices, key=lambda name: (-devices[name], name)) if devices else None
     by_row: dict[str, list[float]] = {}
-    for row, run in measured:
+    for row, run, throughput in measured:
         if run["device"] == device:
-            by_row.setdefault(row["model"], []).append(run_throughput(run))
+            by_row.setdefault(row["model"], []).append(throughput)
     points = [_point(row, np.mean(by_row[row["model"]])) for row in rows if row["model"] in by_row]
     notes = [f"Left out of the throughput panel, {gap}: {', '.join(runs)}." for gap, runs in gaps.items()]
-    others = [f"{run['run_dir']} ({run['device']})" for _, run in measured if run["device"] != device]
+    others = [f"{run['run_dir']} ({run['device']})" for _, run, _ in measured if run["device"] != device]
     if others:
         notes.append(f"Left out of the throughput panel, trained on another device than {device}: "
                      f"{', '.join(others)}.")

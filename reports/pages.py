@@ -241,17 +241,23 @@ def mistakes_section(run_dir: Path, name: str, evaluation: Evaluation) -> str:
     if not isinstance(mistakes, list):
         return ('<p class="muted">no most confident mistakes in this eval.json (written before they were '
                 "recorded; --eval-only writes them)</p>")
-    rows = "".join(
-        f"<tr><td>{escape(str(item.get('index')))}</td><td>{escape(str(item.get('true')))}</td>"
-        f"<td>{escape(str(item.get('predicted')))}</td><td>{_percent(item.get('confidence'))}</td></tr>"
-        for item in mistakes if isinstance(item, dict))
+    lines = [(str(item.get("index")), str(item.get("true")), str(item.get("predicted")),
+              _percent(item.get("confidence"))) for item in mistakes if isinstance(item, dict)]
     return "\n".join([
         f"<h4>Most confident mistakes ({len(mistakes)})</h4>",
         _image(run_dir / MISTAKES_FILE, f"{name}/{MISTAKES_FILE}", f"most confident mistakes of {name}",
                "no mistakes.png"),
-        '<details><summary>as a list</summary><div class="scroll"><table><thead><tr><th>test image</th>'
-        f"<th>true class</th><th>predicted</th><th>confidence</th></tr></thead><tbody>{rows}</tbody></table>"
-        "</div></details>"])
+        "<details><summary>as a list</summary>"
+        + _scrolled_table(("test image", "true class", "predicted", "confidence"), lines) + "</details>"])
+
+
+def _scrolled_table(headers: tuple[str, ...], lines: list[tuple[str, ...]], table_id: str | None = None) -> str:
+    """A table of plain-text cells (escaped here) in its own sideways-scrolling box, so the page never scrolls."""
+    head = "".join(f'<th scope="col">{escape(header)}</th>' for header in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in line) + "</tr>" for line in lines)
+    table_id = f' id="{table_id}"' if table_id else ""
+    return (f'<div class="scroll"><table{table_id}><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 def _classes(dataset_dir: Path, rows: list[dict]) -> list[str]:
@@ -267,11 +273,7 @@ def _classes(dataset_dir: Path, rows: list[dict]) -> list[str]:
                          + _image(dataset_dir / CLASS_ACCURACY_ALL_FILE, CLASS_ACCURACY_ALL_FILE,
                                   "test accuracy per class of each model, every class",
                                   f"no {CLASS_ACCURACY_ALL_FILE}") + "</details>")
-        headers = "".join(f'<th scope="col">{escape(header)}</th>' for header in classes.CLASS_HEADERS)
-        body = "".join("<tr>" + "".join(f"<td>{escape(cell)}</td>" for cell in line) + "</tr>"
-                       for line in classes.class_lines(table))
-        parts.append(f'<div class="scroll"><table id="classes"><thead><tr>{headers}</tr></thead>'
-                     f"<tbody>{body}</tbody></table></div>")
+        parts.append(_scrolled_table(classes.CLASS_HEADERS, classes.class_lines(table), "classes"))
     return parts + [_markdown_notes(classes.class_notes(table))]
 
 
@@ -328,11 +330,8 @@ def _comparisons(rows: list[dict], baseline: str | None) -> list[str]:
     if not differences:
         table = f"<p>{_markdown_text(no_comparisons_line(baseline))}</p>"
     else:
-        headers = "".join(f'<th scope="col">{escape(header)}</th>' for header in COMPARISON_HEADERS)
-        body = "".join(f"<tr><td>{escape(difference.sentence())}</td><td>{escape(difference.test_text())}</td></tr>"
-                       for difference in differences)
-        table = (f'<div class="scroll"><table id="comparisons"><thead><tr>{headers}</tr></thead>'
-                 f"<tbody>{body}</tbody></table></div>")
+        table = _scrolled_table(COMPARISON_HEADERS, [(difference.sentence(), difference.test_text())
+                                                     for difference in differences], "comparisons")
     return ["<h2>Comparisons</h2>", table, _markdown_notes(comparison_notes(baseline))]
 
 

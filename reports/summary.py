@@ -250,8 +250,12 @@ def recipe_text(row: dict) -> str:
     typed over it says so."""
     if row["recipe"] == course.DEFAULT_NAME:
         return ""
-    typed_over = row["recipe"] == course.NAME and row["course_report_valid_acc"] is None
-    return f" ({row['recipe']} recipe{', flags typed over it' if typed_over else ''})"
+    return f" ({row['recipe']} recipe{', flags typed over it' if course_typed_over(row) else ''})"
+
+
+def course_typed_over(row: dict) -> bool:
+    """Whether a row is of --recipe course with a recipe flag typed over it (so no course figure is its)."""
+    return row["recipe"] == course.NAME and row["course_report_valid_acc"] is None
 
 
 def run_label(row: dict) -> str:

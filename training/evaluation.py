@@ -154,9 +154,11 @@ def test_report(net: nn.Module, weights: Weights, test_set: TestSet, amp_dtype, 
     result, confusion = EvalResult.from_totals(totals), measured.confusion.cpu()
     calibrated = calibration(*measured.calibration_sums)
     per_class = (confusion.diag() / confusion.sum(1).clamp_min(1)).tolist()
-    mistakes = [{"index": int(index), "true": classes[int(test_set.batches.labels[int(index)])],
-                 "predicted": classes[int(predicted)], "confidence": float(confidence)}
-                for confidence, index, predicted in measured.mistakes.cpu().T.tolist() if confidence >= 0]
+    kept = measured.mistakes[:, measured.mistakes[0] >= 0]  # right answers, kept while mistakes were few, dropped
+    true_labels = test_set.batches.labels[kept[1].long()].tolist()
+    mistakes = [{"index": int(index), "true": classes[true], "predicted": classes[int(predicted)],
+                 "confidence": confidence}
+                for (confidence, index, predicted), true in zip(kept.T.tolist(), true_labels)]
     return Evaluation(
         model=weights.model, dataset=test_set.dataset, checkpoint=str(weights.checkpoint),
         checkpoint_epoch=weights.epoch, tta=tta, test_acc=result.acc, test_top5=result.top5,
